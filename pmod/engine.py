@@ -1,0 +1,119 @@
+"""The backend-neutral engine interface that every runtime implements.
+
+Numpy at the boundary: a backend takes token ids or embeddings as numpy arrays and
+returns last-position logits as a float32 numpy vector. Generation, chat, the server
+and the benchmark are written once against this class.
+
+Runtimes are imported by name only when asked for, so ``pmod`` imports no runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from .config import PmodConfig
+from .errors import PmodError
+
+# backend name -> ("module:factory", pip extra that provides it)
+BACKENDS: dict[str, tuple[str, str]] = {
+    "mlx": ("pmod_mlx.engine:MLXEngine", "mlx"),
+}
+
+
+class Engine(ABC):
+    """A loaded model plus its per-layer KV caches (batch size 1)."""
+
+    config: PmodConfig
+
+    @abstractmethod
+    def prefill(self, input_ids=None, inputs_embeds=None, vision_mask=None) -> np.ndarray:
+        """Append a chunk of tokens to the context; return the last position's logits [V].
+
+        ``input_ids``: int [T]; or ``inputs_embeds``: float [T, H] (e.g. text embeddings
+        with image features spliced in) with ``vision_mask``: bool [T] marking the
+        vision tokens that MoD layers route.
+        """
+
+    @abstractmethod
+    def decode(self, token_id: int) -> np.ndarray:
+        """Append one text token; return its logits [V]."""
+
+    @abstractmethod
+    def kv_lengths(self) -> list[int]:
+        """Tokens held in each layer's KV cache."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Drop the context (empty every cache)."""
+
+    @property
+    @abstractmethod
+    def position(self) -> int:
+        """Tokens in the context so far (the next token's RoPE position)."""
+
+    def embed(self, input_ids) -> np.ndarray:
+        """Token embeddings [T, H] (float32), for splicing in image features."""
+        raise PmodError(f"backend {type(self).__name__} cannot return embeddings")
+
+    def check_room(self, n_new: int) -> None:
+        """Refuse a chunk that would overflow the context window."""
+        limit = self.config.max_position_embeddings
+        if self.position + n_new > limit:
+            raise PmodError(
+                f"prompt too long: {self.position + n_new} tokens exceed the context of "
+                f"{limit} (max_position_embeddings); shorten the prompt or lower --max-tokens")
+
+
+def _normalize_inputs(input_ids, inputs_embeds, vision_mask, hidden_size: int):
+    """Check and normalise the prefill arguments shared by every backend."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise PmodError("prefill needs exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        ids = np.asarray(input_ids)
+        if ids.ndim == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.ndim != 1:
+            raise PmodError(f"input_ids must have shape [T] (batch size 1), got {list(ids.shape)}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise PmodError(f"input_ids must be integers, got {ids.dtype}")
+        n = ids.shape[0]
+        ids = ids.astype(np.int32)
+        emb = None
+    else:
+        emb = np.asarray(inputs_embeds)
+        if emb.ndim == 3 and emb.shape[0] == 1:
+            emb = emb[0]
+        if emb.ndim != 2 or emb.shape[1] != hidden_size:
+            raise PmodError(
+                f"inputs_embeds must have shape [T, {hidden_size}] (batch size 1), got {list(emb.shape)}")
+        n = emb.shape[0]
+        ids = None
+    if n == 0:
+        raise PmodError("prefill needs at least one token")
+    if vision_mask is None:
+        mask = np.zeros(n, dtype=bool)
+    else:
+        mask = np.asarray(vision_mask)
+        if mask.ndim == 2 and mask.shape[0] == 1:
+            mask = mask[0]
+        if mask.shape != (n,):
+            raise PmodError(f"vision_mask must have shape [{n}] to match the tokens, got {list(mask.shape)}")
+        mask = mask.astype(bool)
+    return ids, emb, mask
+
+
+def open_engine(path, backend: str = "mlx", dtype: str | None = None, **kwargs) -> Engine:
+    """Open a pmod checkpoint directory with the chosen runtime."""
+    if backend not in BACKENDS:
+        raise PmodError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    target, extra = BACKENDS[backend]
+    module_name, factory = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PmodError(
+            f"backend {backend!r} is not installed ({e.name or e}): pip install 'pmod[{extra}]'") from None
+    return getattr(module, factory)(path, dtype=dtype, **kwargs)
