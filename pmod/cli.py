@@ -1,0 +1,96 @@
+"""The ``pmod`` command. Runtimes are imported only inside the subcommands that need them.
+
+Every error is one line, ``pmod: error: <message>``, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import PmodError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors follow the same one-line rule
+        raise PmodError(f"{message} (see '{self.prog} --help')")
+
+
+def _cmd_info(args) -> None:
+    from .info import print_info
+
+    print_info(args.model, system=args.system)
+
+
+def _cmd_convert(args) -> None:
+    from .convert import convert_checkpoint
+
+    dst = convert_checkpoint(args.src, args.dst, dtype=args.dtype)
+    print(f"wrote {dst}", file=sys.stderr)
+
+
+def _cmd_flops(args) -> None:
+    from .flops import print_flops
+
+    print_flops(args)
+
+
+def _cmd_generate(args) -> None:
+    from .generate import run_generate
+
+    run_generate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pmod", description="Run, convert and inspect p-MoD models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("convert", help="convert an official p-MoD / LLaVA checkpoint to a pmod directory")
+    s.add_argument("src", help="official checkpoint directory (config.json + safetensors or .bin)")
+    s.add_argument("dst", help="output pmod directory (must not exist)")
+    s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="weight dtype on disk (default: the source's, float16 for float32 sources)")
+    s.set_defaults(func=_cmd_convert)
+
+    s = sub.add_parser("info", help="print a model's config and per-layer schedule")
+    s.add_argument("model", nargs="?", help="pmod checkpoint directory")
+    s.add_argument("--system", action="store_true", help="also print the runtimes and BLAS in use")
+    s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("flops", help="analytic TFLOPs and KV cache, dense vs p-MoD")
+    s.add_argument("model", nargs="?", help="pmod checkpoint directory (or use --preset)")
+    s.add_argument("--preset", help="a named model shape instead of a directory (e.g. llava-next-7b)")
+    s.add_argument("--vision-tokens", type=int, default=2880)
+    s.add_argument("--text-tokens", type=int, default=0)
+    s.add_argument("--kv-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    s.set_defaults(func=_cmd_flops)
+
+    s = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    s.add_argument("--model", required=True, help="pmod checkpoint directory")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--backend", default="mlx")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--temp", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    s.add_argument("--verbose", action="store_true", help="statistics to stderr")
+    s.set_defaults(func=_cmd_generate)
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except PmodError as e:
+        print(f"pmod: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pmod: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
