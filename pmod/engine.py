@@ -114,6 +114,9 @@ def open_engine(path, backend: str = "mlx", dtype: str | None = None, **kwargs) 
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
+        top = module_name.split(".")[0]
+        if e.name and e.name != top and e.name.startswith(top + "."):
+            raise  # a bug inside the runtime, not a missing install
         raise PmodError(
             f"backend {backend!r} is not installed ({e.name or e}): pip install 'pmod[{extra}]'") from None
     return getattr(module, factory)(path, dtype=dtype, **kwargs)

@@ -61,6 +61,30 @@ def expected_tensors(config: PmodConfig) -> dict[str, tuple[int, ...]]:
             t[p + "router.weight"] = (1, H)
             if c.mod_bias_enabled:
                 t[p + "router.bias"] = (1,)
+    t.update(multimodal_tensors(c))
+    return t
+
+
+def multimodal_tensors(config: PmodConfig) -> dict[str, tuple[int, ...]]:
+    """Projector and ``image_newline`` tensors (the vision tower is added by the vision runtime)."""
+    c = config
+    t: dict[str, tuple[int, ...]] = {}
+    if c.mm_projector_type is None:
+        return t
+    if c.mm_hidden_size is None:
+        raise PmodError("config key 'mm_hidden_size' is required with 'mm_projector_type'")
+    H = c.hidden_size
+    if c.mm_projector_type == "linear":
+        t["projector.linear_1.weight"], t["projector.linear_1.bias"] = (H, c.mm_hidden_size), (H,)
+    elif c.mm_projector_type == "mlp2x_gelu":
+        t["projector.linear_1.weight"], t["projector.linear_1.bias"] = (H, c.mm_hidden_size), (H,)
+        t["projector.linear_2.weight"], t["projector.linear_2.bias"] = (H, H), (H,)
+    else:
+        raise PmodError(
+            f"config key 'mm_projector_type' has unknown value {c.mm_projector_type!r}: "
+            "expected 'linear' or 'mlp2x_gelu'")
+    if "unpad" in (c.mm_patch_merge_type or ""):
+        t["image_newline"] = (H,)
     return t
 
 

@@ -1,0 +1,196 @@
+"""The LLaMA decoder with p-MoD layers, in the style of mlx-lm's ``models/llama.py``.
+
+A MoD layer routes the chunk's vision tokens (``vision_mask``): router logit
+``s = router(x)``, weight ``w = scale * f(s) + bias`` (TanhNorm ``0.2*tanh(s)+1``),
+keep the top ``k = trunc(n * r_l)`` vision tokens by ``s`` (ties to the lower index;
+``pmod.schedule`` gives ``k``). Kept tokens (all text + kept vision) run through the
+layer in their original order at their original RoPE positions; kept vision tokens
+become ``h + w * mlp(norm(h))``, skipped vision tokens ``w * x`` (STRing), text tokens
+are a normal layer. A chunk without vision tokens (e.g. decoding) is a plain layer over
+the layer's own cache.
+
+Difference from the official code: it ranks the normalised weights of all tokens with
+text tokens set to ``-inf`` logits, so a vision token whose ``tanh`` saturates at
+``w = 0.8`` ties with text tokens and may lose its slot to one. pmod ranks vision
+tokens only, by the logit ``s`` (same order wherever ``tanh`` does not saturate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from pmod.config import PmodConfig
+from pmod.errors import PmodError
+from pmod.schedule import kept_count, layer_ratios
+
+from .cache import LayerKVCache, make_cache
+
+
+@dataclass
+class Rope:
+    """cos/sin tables for a chunk's positions, ``[T, head_dim]`` in rotate-half layout."""
+
+    cos: mx.array
+    sin: mx.array
+    positions: mx.array
+
+    def take(self, idx: mx.array) -> "Rope":
+        return Rope(self.cos[idx], self.sin[idx], self.positions[idx])
+
+
+def rope_tables(config: PmodConfig, positions: mx.array) -> Rope:
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (mx.arange(0, D, 2, dtype=mx.float32) / D))
+    pos = positions.astype(mx.float32)
+    if config.rope_scaling and config.rope_scaling.get("rope_type", config.rope_scaling.get("type")) == "linear":
+        pos = pos / config.rope_scaling["factor"]
+    freqs = pos[:, None] * inv_freq[None, :]
+    emb = mx.concatenate([freqs, freqs], axis=-1)
+    return Rope(mx.cos(emb), mx.sin(emb), positions)
+
+
+def apply_rope(x: mx.array, rope: Rope) -> mx.array:
+    """HF LLaMA rotary embedding: ``x * cos + rotate_half(x) * sin``."""
+    half = x.shape[-1] // 2
+    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * rope.cos + rotated * rope.sin).astype(x.dtype)
+
+
+@dataclass
+class Routing:
+    """Where a chunk's vision tokens are; computed once per forward on the host."""
+
+    n_vision: int
+    vision_idx: mx.array  # [n] int32
+    text_idx: mx.array  # [T - n] int32
+    is_vision: mx.array  # [T] bool
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> "Routing | None":
+        mask = np.asarray(mask, dtype=bool).reshape(-1)
+        n = int(mask.sum())
+        if n == 0:
+            return None
+        return cls(n, mx.array(np.flatnonzero(mask).astype(np.int32)),
+                   mx.array(np.flatnonzero(~mask).astype(np.int32)), mx.array(mask))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PmodConfig):
+        super().__init__()
+        H, D = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
+        self.scale = D**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=bias)
+        self.k_proj = nn.Linear(H, self.n_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(H, self.n_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
+
+    def __call__(self, x: mx.array, rope: Rope, cache: LayerKVCache | None) -> mx.array:
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v, rope.positions)
+        # Cached positions all precede the chunk's and both are in increasing order, so
+        # "key position <= query position" is the bottom-right aligned causal mask.
+        mask = "causal" if T > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PmodConfig):
+        super().__init__()
+        H, I, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(H, I, bias=bias)
+        self.up_proj = nn.Linear(H, I, bias=bias)
+        self.down_proj = nn.Linear(I, H, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """A LLaMA layer; with a ``ratio`` it is a MoD layer and owns a router."""
+
+    def __init__(self, config: PmodConfig, ratio: float | None):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ratio = ratio
+        if ratio is not None:
+            self.router = nn.Linear(config.hidden_size, 1, bias=config.mod_bias_enabled)
+            kind, self.w_scale, self.w_bias = config.weight_norm
+            self.w_fn = {"tanh": mx.tanh, "sigmoid": mx.sigmoid, "none": lambda s: s}[kind]
+
+    def _block(self, x: mx.array, rope: Rope, cache):
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache)
+        return h, self.mlp(self.post_attention_layernorm(h))
+
+    def __call__(self, x: mx.array, rope: Rope, cache, routing: Routing | None) -> mx.array:
+        if self.ratio is None or routing is None:
+            h, m = self._block(x, rope, cache)
+            return h + m
+        s = self.router(x)[0, :, 0].astype(mx.float32)  # [T]
+        w = self.w_scale * self.w_fn(s) + self.w_bias
+        k = kept_count(routing.n_vision, self.ratio)
+        # argsort is stable: equal scores keep the lower index first.
+        top = mx.argsort(-s[routing.vision_idx])[:k]
+        keep = mx.sort(mx.concatenate([routing.text_idx, routing.vision_idx[top]]))
+        gate = mx.where(routing.is_vision, w, 1.0).astype(x.dtype)  # w on vision, 1 on text
+        h, m = self._block(x[:, keep], rope.take(keep), cache)
+        out = gate[None, :, None] * x  # skipped vision tokens: w * x
+        out[:, keep] = h + gate[keep][None, :, None] * m
+        return out
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: PmodConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, r) for r in layer_ratios(config)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def make_cache(self) -> list[LayerKVCache]:
+        return make_cache(len(self.layers))
+
+    def __call__(self, inputs: mx.array | None = None, cache: list | None = None,
+                 inputs_embeds: mx.array | None = None, vision_mask=None,
+                 last_only: bool = False) -> mx.array:
+        """Logits ``[1, T, V]`` (``[1, 1, V]`` with ``last_only``) for a chunk of tokens."""
+        h = self.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
+        if h.ndim != 3 or h.shape[0] != 1:
+            raise PmodError(f"batch size 1 only: got input of shape {list(h.shape)}")
+        T = h.shape[1]
+        routing = None
+        if vision_mask is not None:
+            mask = np.asarray(vision_mask).reshape(-1)
+            if mask.shape[0] != T:
+                raise PmodError(f"vision_mask has {mask.shape[0]} entries for {T} tokens")
+            routing = Routing.from_mask(mask)
+        offset = cache[0].offset if cache else 0
+        rope = rope_tables(self.config, mx.arange(offset, offset + T, dtype=mx.int32))
+        cache = cache or [None] * len(self.layers)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, rope, c, routing)
+            if c is not None:
+                c.advance(T)
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.as_linear(h)
+        return self.lm_head(h)

@@ -1,0 +1,38 @@
+"""Load a pmod checkpoint directory into the MLX model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from pmod.errors import PmodError
+from pmod.format import validate
+
+from .model import Model
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def default_dtype() -> str:
+    """float16 on Metal, float32 on the CPU backend (half precision is no faster there)."""
+    return "float16" if mx.metal.is_available() else "float32"
+
+
+def load(path: str | Path, dtype: str | None = None) -> Model:
+    """Validate and load a pmod checkpoint; ``dtype`` casts every weight (default per device)."""
+    dtype = dtype or default_dtype()
+    if dtype not in DTYPES:
+        raise PmodError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    config, found = validate(path)
+    weights = {}
+    for f in sorted({f for f, _ in found.values()}):
+        try:
+            weights.update(mx.load(str(f)))
+        except (RuntimeError, ValueError) as e:
+            raise PmodError(f"{f}: cannot be read by MLX ({e}); re-copy or re-convert the checkpoint") from None
+    model = Model(config)
+    target = DTYPES[dtype]
+    model.load_weights([(k, v.astype(target)) for k, v in weights.items()], strict=True)
+    mx.eval(model.parameters())
+    return model
