@@ -64,7 +64,7 @@ class Engine(ABC):
         if self.position + n_new > limit:
             raise PmodError(
                 f"prompt too long: {self.position + n_new} tokens exceed the context of "
-                f"{limit} (max_position_embeddings); shorten the prompt or lower --max-tokens")
+                f"{limit} (max_position_embeddings); shorten the prompt")
 
 
 def _normalize_inputs(input_ids, inputs_embeds, vision_mask, hidden_size: int):

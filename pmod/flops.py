@@ -39,9 +39,11 @@ _VICUNA_7B = dict(
     num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
     max_position_embeddings=4096, tie_word_embeddings=False,
 )
+# MoD keys of both released models (official training scripts): every vision token is a
+# routing candidate ('vision_all'); 24 MoD layers (8..31), ratios 0.844 down to 0.15.
 _PMOD_KEYS = dict(
     mod_target_layers="shiftedcos_decay_0.85_0.15", mod_router_factor=0.5,
-    mod_weight_norm="tanh_0.2_1", mod_target_token_type="vision_hr", mod_decay_span=31,
+    mod_weight_norm="tanh_0.2_1", mod_target_token_type="vision_all", mod_decay_span=31,
 )
 
 #: Named model shapes for ``pmod flops --preset`` (decoder + MoD keys; no weights).
@@ -191,6 +193,7 @@ def decode_flops(config: PmodConfig, context_kv_per_layer) -> dict:
 class Report:
     """Dense baseline vs p-MoD for one config and one prefill."""
 
+    config: PmodConfig
     n_vision: int
     n_text: int
     kv_dtype: str
@@ -230,7 +233,7 @@ class Report:
 def report(config: PmodConfig, n_vision: int, n_text: int = 0, kv_dtype: str = "float16") -> Report:
     """Compare the dense baseline with p-MoD for one prefill."""
     return Report(
-        n_vision=n_vision, n_text=n_text, kv_dtype=kv_dtype,
+        config=config, n_vision=n_vision, n_text=n_text, kv_dtype=kv_dtype,
         dense=prefill_flops(config, n_vision, n_text, dense=True),
         pmod=prefill_flops(config, n_vision, n_text),
         dense_kv_entries=kv_entries(config, n_vision, n_text, dense=True),
@@ -264,6 +267,10 @@ def format_report(rep: Report, title: str = "") -> str:
     lines.append(f"KV entries  dense {dkv}   p-MoD {pkv}   ratio {100 * rep.kv_ratio:.1f}%")
     lines.append(f"KV bytes    dense {_mib(rep.dense_kv_bytes)}   p-MoD {_mib(rep.pmod_kv_bytes)}"
                  f"   ({rep.kv_dtype}, {rep.kv_bytes_per_entry} bytes per token per layer)")
+    dd = decode_flops(rep.config, rep.dense_kv_entries)["total"]
+    pd = decode_flops(rep.config, rep.pmod_kv_entries)["total"]
+    lines.append(f"next token  dense {dd / 1e9:.2f} GFLOPs   p-MoD {pd / 1e9:.2f} GFLOPs"
+                 f"   ratio {100 * pd / dd:.1f}%   (one decode step after the prefill)")
     return "\n".join(lines)
 
 

@@ -115,7 +115,8 @@ def peak_memory_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def print_stats(stats: GenerationStats, file=sys.stderr) -> None:
+def print_stats(stats: GenerationStats, file=None) -> None:
+    file = file or sys.stderr
     held, total = sum(stats.kv_lengths), len(stats.kv_lengths) * max(stats.kv_lengths or [0])
     print(f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_tps:.1f} tokens/s", file=file)
     print(f"generation: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tokens/s "
@@ -127,14 +128,14 @@ def print_stats(stats: GenerationStats, file=sys.stderr) -> None:
 
 def run_generate(args) -> None:
     from . import open_engine
-    from .tokenizer import StreamingDetokenizer, load_tokenizer
+    from .tokenizer import StreamingDetokenizer, encode, load_tokenizer
 
     if args.max_tokens < 1:
         raise PmodError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     sampler = Sampler(SamplerArgs(args.temp, args.top_p, args.seed))
     tokenizer = load_tokenizer(args.model)
     engine = open_engine(args.model, backend=args.backend, dtype=args.dtype)
-    ids = np.asarray(tokenizer(args.prompt)["input_ids"], dtype=np.int32)
+    ids = encode(tokenizer, args.prompt)
     engine.check_room(len(ids))
     eos = set(engine.config.eos_token_ids)
     if tokenizer.eos_token_id is not None:

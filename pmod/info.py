@@ -12,7 +12,8 @@ from .schedule import capacities, layer_ratios
 SCHEDULE_COUNTS = (576, 2880)  # LLaVA-1.5 and LLaVA-NeXT vision-token budgets
 
 
-def print_info(model, system: bool = False, file=sys.stdout) -> None:
+def print_info(model, system: bool = False, file=None) -> None:
+    file = file or sys.stdout
     if model is None and not system:
         from .errors import PmodError
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 from .errors import PmodError
 
@@ -16,12 +19,25 @@ def load_tokenizer(model_dir: str | Path):
             "copy the original checkpoint's tokenizer files into it")
     try:
         from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
     except ImportError:
         raise PmodError("the tokenizer needs transformers: pip install transformers tokenizers") from None
+    # transformers warns that config.json's model_type (pmod_llava_llama) is not one of its own.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad tokenizer file
         raise PmodError(f"cannot load the tokenizer in {model_dir} ({type(e).__name__}: {e})".split("\n")[0]) from None
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def encode(tokenizer, text: str) -> np.ndarray:
+    """Token ids of ``text`` (with BOS as the tokenizer adds it); the context is checked by the engine."""
+    return np.asarray(tokenizer(text, verbose=False)["input_ids"], dtype=np.int32)
 
 
 class StreamingDetokenizer:
