@@ -144,12 +144,14 @@ class DecoderLayer(nn.Module):
         s = self.router(x)[0, :, 0].astype(mx.float32)  # [T]
         w = self.w_scale * self.w_fn(s) + self.w_bias
         k = kept_count(routing.n_vision, self.ratio)
+        gate = mx.where(routing.is_vision, w, 1.0).astype(x.dtype)  # w on vision, 1 on text
+        out = gate[None, :, None] * x  # skipped vision tokens: w * x
+        if k == 0 and routing.text_idx.size == 0:
+            return out  # an all-vision chunk of which this layer keeps nothing
         # argsort is stable: equal scores keep the lower index first.
         top = mx.argsort(-s[routing.vision_idx])[:k]
         keep = mx.sort(mx.concatenate([routing.text_idx, routing.vision_idx[top]]))
-        gate = mx.where(routing.is_vision, w, 1.0).astype(x.dtype)  # w on vision, 1 on text
         h, m = self._block(x[:, keep], rope.take(keep), cache)
-        out = gate[None, :, None] * x  # skipped vision tokens: w * x
         out[:, keep] = h + gate[keep][None, :, None] * m
         return out
 
