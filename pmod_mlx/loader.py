@@ -10,6 +10,7 @@ from pmod.errors import PmodError
 from pmod.format import validate
 
 from .model import Model
+from .vision import sanitize
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -32,6 +33,7 @@ def load(path: str | Path, dtype: str | None = None) -> Model:
         except (RuntimeError, ValueError) as e:
             raise PmodError(f"{f}: cannot be read by MLX ({e}); re-copy or re-convert the checkpoint") from None
     model = Model(config)
+    weights = sanitize(weights)
     target = DTYPES[dtype]
     model.load_weights([(k, v.astype(target)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())

@@ -8,6 +8,7 @@ import mlx.nn as nn
 from pmod.config import PmodConfig
 
 from .language import LanguageModel
+from .vision import VisionTower
 
 
 class Projector(nn.Module):
@@ -31,10 +32,16 @@ class Model(nn.Module):
         super().__init__()
         self.config = config
         self.language_model = LanguageModel(config)
+        if config.vision_config is not None:
+            self.vision_tower = VisionTower(config)
         if config.mm_projector_type is not None:
             self.projector = Projector(config)
         if "unpad" in (config.mm_patch_merge_type or "") and config.mm_projector_type is not None:
             self.image_newline = mx.zeros((config.hidden_size,))
+
+    def encode_images(self, pixel_values) -> mx.array:
+        """Projected features ``[N, P*P, H]`` of a batch of preprocessed tiles ``[N, 3, S, S]``."""
+        return self.projector(self.vision_tower(pixel_values))
 
     def make_cache(self):
         return self.language_model.make_cache()

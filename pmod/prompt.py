@@ -1,0 +1,99 @@
+"""The conversation template and ``<image>`` handling, one copy for every backend.
+
+The released LLaVA-1.5/NeXT Vicuna checkpoints (p-MoD's included) were trained with
+the Vicuna v1 template (official ``conv_vicuna_v1``): the system line, then
+``USER: <msg> ASSISTANT: <reply></s>`` turns separated by a space and ``</s>``. An
+image in a message is written ``<image>``; a message with images and no marker gets
+``<image>\\n`` in front, as the official code does.
+
+Token ids are produced the official way (``tokenizer_image_token``): the text is split at
+each ``<image>``, every piece is tokenized on its own (BOS only on the first), and an
+image slot is put between pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import PmodError
+
+IMAGE = "<image>"
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+ROLES = {"user": "USER", "assistant": "ASSISTANT"}
+SEP, SEP2 = " ", "</s>"
+
+
+@dataclass
+class Message:
+    role: str  # "user" or "assistant"
+    text: str
+    n_images: int = 0
+
+    def rendered_text(self) -> str:
+        markers = self.text.count(IMAGE)
+        if self.n_images and markers == 0:
+            return (IMAGE + "\n") * self.n_images + self.text
+        if markers != self.n_images:
+            raise PmodError(
+                f"the message has {markers} <image> marker(s) but {self.n_images} image(s): "
+                "give one image per marker")
+        return self.text
+
+
+def user_turn(message: Message) -> str:
+    """``USER: <msg> ASSISTANT:``: a user message and the cue for the reply."""
+    return f"{ROLES['user']}: {message.rendered_text()}{SEP}{ROLES['assistant']}:"
+
+
+def assistant_reply(text: str) -> str:
+    return f" {text}{SEP2}"
+
+
+def render(messages: list[Message], system: str = SYSTEM) -> str:
+    """A whole conversation ending with a user message, ready for the assistant's reply.
+
+    A chat that keeps its caches appends ``</s>`` + :func:`user_turn` per later turn, which
+    gives the same text: the reply it generated is already in the context.
+    """
+    if not messages or messages[-1].role != "user":
+        raise PmodError("the conversation must end with a user message")
+    out = system + SEP
+    for m in messages:
+        if m.role not in ROLES:
+            raise PmodError(f"unknown role {m.role!r}: use one of {', '.join(ROLES)}")
+        out += user_turn(m) if m.role == "user" else assistant_reply(m.text)
+    return out
+
+
+def tokenize(tokenizer, text: str, add_bos: bool = True) -> list:
+    """Token ids with ``None`` at each ``<image>`` slot (official ``tokenizer_image_token``)."""
+    pieces = text.split(IMAGE)
+    out: list = []
+    bos = tokenizer.bos_token_id
+    for i, piece in enumerate(pieces):
+        ids = list(tokenizer(piece, verbose=False)["input_ids"])
+        if bos is not None and ids[:1] == [bos] and (i > 0 or not add_bos):
+            ids = ids[1:]
+        if i > 0:
+            out.append(None)
+        out.extend(ids)
+    return out
+
+
+def split_segments(tokens: list) -> list:
+    """[int, ..., None, int, ...] -> [np.ndarray ids | None (an image), ...], empty runs dropped."""
+    segments, run = [], []
+    for t in tokens:
+        if t is None:
+            if run:
+                segments.append(np.asarray(run, dtype=np.int32))
+                run = []
+            segments.append(None)
+        else:
+            run.append(t)
+    if run:
+        segments.append(np.asarray(run, dtype=np.int32))
+    return segments
