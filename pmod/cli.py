@@ -41,6 +41,28 @@ def _cmd_generate(args) -> None:
     run_generate(args)
 
 
+def _cmd_chat(args) -> None:
+    from .chat import run_chat
+
+    run_chat(args)
+
+
+def _cmd_server(args) -> None:
+    from .server import run_server
+
+    run_server(args)
+
+
+def _add_sampling(s) -> None:
+    s.add_argument("--backend", default="mlx", help="runtime: mlx (more with the export/trt extras)")
+    s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="compute dtype (default: float32 on CPU, float16 on Metal)")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--temp", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pmod", description="Run, convert and inspect p-MoD models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -65,17 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     s.set_defaults(func=_cmd_flops)
 
-    s = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    s = sub.add_parser("generate", help="answer one prompt (optionally with images), streamed to stdout")
     s.add_argument("--model", required=True, help="pmod checkpoint directory")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--backend", default="mlx")
-    s.add_argument("--max-tokens", type=int, default=128)
-    s.add_argument("--temp", type=float, default=0.0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    s.add_argument("--prompt", required=True, help="the user's message (the chat template is applied)")
+    s.add_argument("--image", action="append", help="an image for the prompt (repeat for several)")
     s.add_argument("--verbose", action="store_true", help="statistics to stderr")
+    _add_sampling(s)
     s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("chat", help="multi-turn chat in the terminal (/image PATH, /reset, /exit)")
+    s.add_argument("--model", required=True, help="pmod checkpoint directory")
+    _add_sampling(s)
+    s.set_defaults(func=_cmd_chat)
+
+    s = sub.add_parser("server", help="local OpenAI-compatible server (/v1/chat/completions)")
+    s.add_argument("--model", required=True, help="pmod checkpoint directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    _add_sampling(s)
+    s.set_defaults(func=_cmd_server)
     return p
 
 

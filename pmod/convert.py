@@ -79,9 +79,9 @@ def convert_checkpoint(src, dst, dtype: str | None = None) -> Path:
         raise PmodError(f"unknown dtype {dtype!r}: choose one of {', '.join(FLOAT_DTYPES)}")
     if dst.exists():
         raise PmodError(f"output {dst} already exists; remove it or choose another path")
-    config = read_official_config(src)
+    config, span_defaulted = _read_official_config(src)
     source = read_source_tensors(src)
-    tensors = map_tensors(source, config, src)
+    tensors = map_tensors(source, config, src, span_defaulted)
     out_dtype = dtype or default_dtype(tensors.values())
     if not any((src / f).is_file() for f in TOKENIZER_FILES if f != "generation_config.json"):
         print(f"pmod: warning: {src} has no tokenizer files; the converted model will need one "
@@ -99,6 +99,11 @@ def convert_checkpoint(src, dst, dtype: str | None = None) -> Path:
 # ------------------------------------------------------------------------------ config
 def read_official_config(src: Path) -> PmodConfig:
     """The :class:`PmodConfig` of an official checkpoint directory (with its defaults)."""
+    return _read_official_config(src)[0]
+
+
+def _read_official_config(src: Path) -> tuple[PmodConfig, bool]:
+    """(config, whether the official ``mod_decay_span`` = 31 was supplied)."""
     src = Path(src)
     if not src.exists():
         raise PmodError(f"source checkpoint {src} does not exist")
@@ -119,17 +124,19 @@ def read_official_config(src: Path) -> PmodConfig:
         raise PmodError(f"{src} is already a pmod checkpoint: use it directly, no conversion needed")
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
+        what = f"model_type {model_type!r}" if "model_type" in d else "no 'model_type'"
         raise PmodError(
-            f"{path} has model_type {model_type!r}: pmod convert reads 'pmod_llava_llama' (p-MoD), "
+            f"{path} has {what}: pmod convert reads 'pmod_llava_llama' (p-MoD), "
             "'llava_llama' (LLaVA) and 'llama' checkpoints in the original LLaVA layout")
     d = dict(d)
     spec = d.get("mod_target_layers")
-    if isinstance(spec, str) and _DECAY_RE.match(spec) and d.get("mod_decay_span") is None:
+    span_defaulted = isinstance(spec, str) and bool(_DECAY_RE.match(spec)) and d.get("mod_decay_span") is None
+    if span_defaulted:
         d["mod_decay_span"] = OFFICIAL_DECAY_SPAN
     if d.get("mm_vision_tower") is not None and d.get("mm_projector_type") is None:
         d["mm_projector_type"] = "linear"  # LLaVA's default when the key is absent
     try:
-        return PmodConfig.from_dict(d)
+        return PmodConfig.from_dict(d), span_defaulted
     except PmodError as e:
         raise PmodError(f"{path}: {e}") from None
 
@@ -231,8 +238,9 @@ def _torch_tensors(path: Path) -> dict[str, _Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many types for corrupt files
         raise PmodError(
-            f"{path}: cannot load the PyTorch checkpoint ({type(e).__name__}: {_first_line(e)}); it is "
-            "corrupt, truncated or not a plain state dict: re-download it or convert it to safetensors") from None
+            f"{path}: cannot load the PyTorch checkpoint ({type(e).__name__}: {_first_sentence(e)}); it is "
+            "corrupt, truncated or holds more than tensors (loaded with weights_only=True): re-download it "
+            "or convert it to safetensors") from None
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise PmodError(f"{path} does not hold a state dict of named tensors; re-save it with "
@@ -296,7 +304,8 @@ def pmod_name(official: str, config: PmodConfig) -> str | None:
         f"(mm_projector_type {config.mm_projector_type!r}); is this the right checkpoint?")
 
 
-def map_tensors(source: dict[str, _Tensor], config: PmodConfig, src: Path | str = "") -> dict[str, _Tensor]:
+def map_tensors(source: dict[str, _Tensor], config: PmodConfig, src: Path | str = "",
+                span_defaulted: bool = False) -> dict[str, _Tensor]:
     """Rename the source tensors to pmod names and check them against the config."""
     L = config.num_hidden_layers
     mapped: dict[str, _Tensor] = {}
@@ -320,7 +329,7 @@ def map_tensors(source: dict[str, _Tensor], config: PmodConfig, src: Path | str 
         i = both[0]
         raise PmodError(f"layer {i} has both wrapped ('{wrapped[i]}') and plain ('{plain[i]}') tensor "
                         "names; the checkpoint is inconsistent: re-download it")
-    _check_mod_layers(set(wrapped), config, src)
+    _check_mod_layers(set(wrapped), config, src, span_defaulted)
 
     expected = expected_tensors(config)
     for new, t in mapped.items():
@@ -342,27 +351,34 @@ def map_tensors(source: dict[str, _Tensor], config: PmodConfig, src: Path | str 
     return {n: mapped[n] for n in expected}
 
 
-def _check_mod_layers(wrapped: set[int], config: PmodConfig, src) -> None:
+def _check_mod_layers(wrapped: set[int], config: PmodConfig, src, span_defaulted: bool = False) -> None:
     routed = set(mod_layers(config))
     if wrapped == routed:
         return
-    schedule = (f"the schedule {config.mod_target_layers!r}" if config.is_mod
-                else "the config (no 'mod_target_layers': a dense model)")
     parts = []
     extra = sorted(wrapped - routed)
     lacking = sorted(routed - wrapped)
-    if extra:
-        parts.append(f"{_layers(extra)} {'has' if len(extra) == 1 else 'have'} routers but {schedule} "
-                     f"makes {'it' if len(extra) == 1 else 'them'} dense")
+    one = len(extra) == 1
+    if extra and config.is_mod:
+        parts.append(f"{_layers(extra)} {'has' if one else 'have'} routers but the schedule "
+                     f"{config.mod_target_layers!r} makes {'it' if one else 'them'} dense")
+    elif extra:
+        parts.append(f"{_layers(extra)} {'has' if one else 'have'} routers but config.json has no "
+                     "'mod_target_layers' (a dense model)")
     if lacking:
-        parts.append(f"{_layers(lacking)} {'lacks' if len(lacking) == 1 else 'lack'} routers but "
-                     f"{schedule} routes {'it' if len(lacking) == 1 else 'them'}")
-    span = f", mod_decay_span = {config.mod_decay_span}" if config.mod_decay_span else ""
+        one = len(lacking) == 1
+        parts.append(f"{_layers(lacking)} {'lacks' if one else 'lack'} routers but the schedule "
+                     f"{config.mod_target_layers!r} routes {'it' if one else 'them'}")
+    keys = f"mod_target_layers = {config.mod_target_layers!r}"
+    if config.is_mod:
+        keys += f", mod_router_factor = {config.mod_router_factor}"
+        if config.mod_decay_span:
+            keys += f", mod_decay_span = {config.mod_decay_span}" + (
+                " (the official default; config.json sets none)" if span_defaulted else "")
+    keys += f", num_hidden_layers = {config.num_hidden_layers}"
     raise PmodError(
         f"MoD layers of {src or 'the checkpoint'} do not match config.json: " + "; ".join(parts)
-        + f" (mod_target_layers = {config.mod_target_layers!r}, mod_router_factor = "
-        f"{config.mod_router_factor}{span}, num_hidden_layers = {config.num_hidden_layers}); "
-        "fix those keys in config.json or use the config.json that came with these weights")
+        + f". Schedule keys: {keys}; fix them in config.json or use the config.json that came with these weights")
 
 
 def _layers(idx: list[int]) -> str:
@@ -389,6 +405,11 @@ def official_name(pmod: str, wrapped: set[int], projector_type: str | None = "ml
 
 
 # ------------------------------------------------------------------------------ helpers
+def _first_sentence(e: BaseException, limit: int = 120) -> str:
+    line = _first_line(e, limit)
+    return re.split(r"(?<=[a-z)])\. ", line, maxsplit=1)[0].rstrip(".")
+
+
 def _first_line(e: BaseException, limit: int = 160) -> str:
     text = str(e).strip().splitlines()
     line = text[0] if text else type(e).__name__

@@ -62,7 +62,53 @@ def expected_tensors(config: PmodConfig) -> dict[str, tuple[int, ...]]:
             if c.mod_bias_enabled:
                 t[p + "router.bias"] = (1,)
     t.update(multimodal_tensors(c))
+    t.update(vision_tensors(c))
     return t
+
+
+def vision_tensors(config: PmodConfig) -> dict[str, tuple[int, ...]]:
+    """CLIP vision tower tensors, named as in ``transformers.CLIPVisionModel`` under ``vision_tower.``.
+
+    Only what computing hidden state ``mm_vision_select_layer`` needs is stored: layers past
+    it and ``post_layernorm`` are never run by LLaVA, so they are not part of the format.
+    """
+    v = config.vision_config
+    if v is None:
+        return {}
+    try:
+        D, I, L = int(v["hidden_size"]), int(v["intermediate_size"]), int(v["num_hidden_layers"])
+        size, patch = int(v["image_size"]), int(v["patch_size"])
+        channels = int(v.get("num_channels", 3))
+    except (KeyError, TypeError, ValueError) as e:
+        raise PmodError(f"config key 'vision_config' lacks or mangles {e}; re-convert with --vision-tower") from None
+    n_pos = (size // patch) ** 2 + 1
+    p = "vision_tower."
+    t = {
+        p + "embeddings.class_embedding": (D,),
+        p + "embeddings.patch_embedding.weight": (D, channels, patch, patch),
+        p + "embeddings.position_embedding.weight": (n_pos, D),
+        p + "pre_layrnorm.weight": (D,), p + "pre_layrnorm.bias": (D,),
+    }
+    for i in range(vision_layers_used(config)):
+        q = f"{p}encoder.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            t[q + f"self_attn.{name}.weight"], t[q + f"self_attn.{name}.bias"] = (D, D), (D,)
+        for name in ("layer_norm1", "layer_norm2"):
+            t[q + f"{name}.weight"], t[q + f"{name}.bias"] = (D,), (D,)
+        t[q + "mlp.fc1.weight"], t[q + "mlp.fc1.bias"] = (I, D), (I,)
+        t[q + "mlp.fc2.weight"], t[q + "mlp.fc2.bias"] = (D, I), (D,)
+    return t
+
+
+def vision_layers_used(config: PmodConfig) -> int:
+    """Encoder layers needed for hidden state ``mm_vision_select_layer`` (-2: all but the last)."""
+    L = int(config.vision_config["num_hidden_layers"])
+    sel = config.mm_vision_select_layer
+    # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
+    n = sel if sel >= 0 else L + 1 + sel
+    if not 0 <= n <= L:
+        raise PmodError(f"config key 'mm_vision_select_layer' = {sel} is outside the tower's {L} layers")
+    return n
 
 
 def multimodal_tensors(config: PmodConfig) -> dict[str, tuple[int, ...]]:

@@ -63,6 +63,8 @@ class GenerationStats:
     decode_s: float = 0.0
     decode_steps: int = 0
     finish_reason: str = ""
+    image_tokens: int = 0
+    context_tokens: int = 0
     kv_lengths: list[int] = field(default_factory=list)
 
     @property
@@ -87,26 +89,31 @@ def generate_tokens(engine: Engine, input_ids=None, *, inputs_embeds=None, visio
     t0 = time.perf_counter()
     logits = engine.prefill(input_ids=input_ids, inputs_embeds=inputs_embeds, vision_mask=vision_mask)
     stats.prompt_tokens = len(input_ids) if input_ids is not None else len(inputs_embeds)
+    if vision_mask is not None:
+        stats.image_tokens = int(np.count_nonzero(vision_mask))
     stats.prefill_s = time.perf_counter() - t0
     eos = set(int(e) for e in eos_ids)
     stats.finish_reason = "length"
-    for i in range(max_tokens):
-        token = sampler(logits)
-        if token in eos:
-            stats.finish_reason = "stop"
-            break
-        stats.generated_tokens += 1
-        yield token
-        if i + 1 == max_tokens:
-            break
-        if engine.position >= limit:
-            stats.finish_reason = "context"
-            break
-        t1 = time.perf_counter()
-        logits = engine.decode(token)
-        stats.decode_s += time.perf_counter() - t1
-        stats.decode_steps += 1
-    stats.kv_lengths = engine.kv_lengths()
+    try:
+        for i in range(max_tokens):
+            token = sampler(logits)
+            if token in eos:
+                stats.finish_reason = "stop"
+                break
+            stats.generated_tokens += 1
+            yield token
+            if i + 1 == max_tokens:
+                break
+            if engine.position >= limit:
+                stats.finish_reason = "context"
+                break
+            t1 = time.perf_counter()
+            logits = engine.decode(token)
+            stats.decode_s += time.perf_counter() - t1
+            stats.decode_steps += 1
+    finally:  # also when the caller stops early (a stop string)
+        stats.context_tokens = engine.position
+        stats.kv_lengths = engine.kv_lengths()
 
 
 def peak_memory_bytes() -> int:
@@ -117,36 +124,30 @@ def peak_memory_bytes() -> int:
 
 def print_stats(stats: GenerationStats, file=None) -> None:
     file = file or sys.stderr
-    held, total = sum(stats.kv_lengths), len(stats.kv_lengths) * max(stats.kv_lengths or [0])
-    print(f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_tps:.1f} tokens/s", file=file)
+    image = f" ({stats.image_tokens} routed vision tokens)" if stats.image_tokens else ""
+    print(f"prompt: {stats.prompt_tokens} tokens{image}, {stats.prefill_tps:.1f} tokens/s", file=file)
     print(f"generation: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tokens/s "
           f"(finish: {stats.finish_reason})", file=file)
-    if total:
-        print(f"KV cache: {held} entries held vs {total} dense ({100 * held / total:.1f}%)", file=file)
+    if stats.kv_lengths:
+        held, dense = sum(stats.kv_lengths), len(stats.kv_lengths) * stats.context_tokens
+        print(f"KV cache: {held} entries held vs {dense} for a dense model "
+              f"({100 * held / max(dense, 1):.1f}%)", file=file)
     print(f"peak memory: {peak_memory_bytes() / 1e9:.3f} GB", file=file)
 
 
 def run_generate(args) -> None:
-    from . import open_engine
-    from .tokenizer import StreamingDetokenizer, encode, load_tokenizer
+    from .session import Reply, open_session
 
     if args.max_tokens < 1:
         raise PmodError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     sampler = Sampler(SamplerArgs(args.temp, args.top_p, args.seed))
-    tokenizer = load_tokenizer(args.model)
-    engine = open_engine(args.model, backend=args.backend, dtype=args.dtype)
-    ids = encode(tokenizer, args.prompt)
-    engine.check_room(len(ids))
-    eos = set(engine.config.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    detok = StreamingDetokenizer(tokenizer)
-    stats = GenerationStats()
-    for token in generate_tokens(engine, ids, max_tokens=args.max_tokens, sampler=sampler,
-                                 eos_ids=eos, stats=stats):
-        sys.stdout.write(detok.add(token))
+    session = open_session(args.model, backend=args.backend, dtype=args.dtype)
+    reply = Reply()
+    for piece in session.ask(args.prompt, images=args.image or [], max_tokens=args.max_tokens,
+                             sampler=sampler, reply=reply):
+        sys.stdout.write(piece)
         sys.stdout.flush()
-    sys.stdout.write(detok.finish() + "\n")
+    sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose:
-        print_stats(stats)
+        print_stats(reply.stats)

@@ -54,7 +54,11 @@ def test_generate_cli_equals_transformers_greedy(dense_model, capsys):
                  "--temp", "0", "--dtype", "float32"]) == 0
     out = capsys.readouterr()
     tok = AutoTokenizer.from_pretrained(str(path))
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    # The Vicuna v1 template, written out (official conv_vicuna_v1).
+    templated = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                 "gives helpful, detailed, and polite answers to the user's questions. USER: "
+                 f"{prompt} ASSISTANT:")
+    ids = tok(templated, return_tensors="pt")["input_ids"]
     hf = hf_llama(config, tensors)
     with torch.no_grad():
         gen = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
@@ -93,7 +97,7 @@ def _error_line(capsys):
 
 def test_generate_cli_errors(dense_model, tmp_path, capsys):
     path, _, _ = dense_model
-    long_prompt = "what colour is the circle ? " * 100  # > 512 tokens
+    long_prompt = "what colour is the circle ? " * 50  # > 512 tokens with the template
     assert main(["generate", "--model", str(path), "--prompt", long_prompt]) == 2
     assert "too long" in _error_line(capsys)
     assert main(["generate", "--model", str(path), "--prompt", "hi", "--top-p", "0"]) == 2
