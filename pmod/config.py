@@ -58,6 +58,8 @@ class PmodConfig:
     mod_decay_span: int | None = None
     # LLaVA multimodal keys (used by the vision runtime; kept verbatim here).
     mm_projector_type: str | None = None
+    mm_vision_tower: str | None = None  # where the tower came from (informational)
+    mm_use_im_start_end: bool = False
     mm_hidden_size: int | None = None
     mm_vision_select_layer: int = -2
     mm_vision_select_feature: str = "patch"
@@ -125,6 +127,10 @@ class PmodConfig:
                 raise PmodError(
                     "config key 'mod_target_token_type' = 'all' (text tokens routed too) is not "
                     "supported: pmod routes vision tokens only")
+        if self.mm_use_im_start_end:
+            raise PmodError(
+                "config key 'mm_use_im_start_end' = true (image start/end tokens) is not supported; "
+                "the released LLaVA-1.5/NeXT and p-MoD checkpoints use false")
         if self.mod_decay_span is not None and (
                 not isinstance(self.mod_decay_span, int) or self.mod_decay_span <= 0):
             raise PmodError(f"config key 'mod_decay_span' must be a positive integer or null, got {self.mod_decay_span!r}")
@@ -194,6 +200,8 @@ class PmodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if d["rope_scaling"] is None:
+            del d["rope_scaling"]  # transformers 5 warns about a null rope_scaling
         d["model_type"] = MODEL_TYPE
         d["pmod_format_version"] = FORMAT_VERSION
         return d

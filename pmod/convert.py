@@ -290,18 +290,19 @@ def pmod_name(official: str, config: PmodConfig) -> str | None:
     if m:
         idx, rest = int(m.group(1)), m.group(2)
         if rest.startswith("decoder_layer."):
-            rest = rest[len("decoder_layer."):]
-        elif rest.startswith("router.router."):
-            rest = "router." + rest[len("router.router."):]
-        return f"language_model.layers.{idx}.{rest}"
+            return f"language_model.layers.{idx}.{rest[len('decoder_layer.'):]}"
+        if rest.startswith("router.router."):
+            return f"language_model.layers.{idx}.router.{rest[len('router.router.'):]}"
+        if not rest.startswith("router."):
+            return f"language_model.layers.{idx}.{rest}"
     m = _PROJECTOR_RE.match(official)
     if m:
         slot = {"linear": {None: 1}, "mlp2x_gelu": {"0": 1, "2": 2}}.get(config.mm_projector_type, {})
         if m.group(1) in slot:
             return f"projector.linear_{slot[m.group(1)]}.{m.group(2)}"
-    raise PmodError(
-        f"unknown tensor '{official}': not part of a p-MoD / LLaVA LLaMA model with this config.json "
-        f"(mm_projector_type {config.mm_projector_type!r}); is this the right checkpoint?")
+    hint = f" (mm_projector_type {config.mm_projector_type!r})" if official.startswith("model.mm_projector") else ""
+    raise PmodError(f"unknown tensor '{official}': not part of a p-MoD / LLaVA LLaMA model with this "
+                    f"config.json{hint}; is this the right checkpoint?")
 
 
 def map_tensors(source: dict[str, _Tensor], config: PmodConfig, src: Path | str = "",
@@ -340,8 +341,8 @@ def map_tensors(source: dict[str, _Tensor], config: PmodConfig, src: Path | str 
     missing = [n for n in expected if n not in mapped]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise PmodError(f"tensor '{official_name(missing[0], set(wrapped), config.mm_projector_type)}'{more} is missing from {src}; "
-                        "download the complete checkpoint")
+        name = official_name(missing[0], set(wrapped), config.mm_projector_type)
+        raise PmodError(f"tensor '{name}'{more} is missing from {src}; download the complete checkpoint")
     for new, t in mapped.items():
         if t.shape != expected[new]:
             raise PmodError(f"tensor '{t.name}' in {t.file.name} has shape {t.shape}, expected "
