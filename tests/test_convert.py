@@ -135,7 +135,7 @@ def _variants():
         "interleave-no-router-bias": dict(six, mod_target_layers="interleave", mod_decay_span=None,
                                           mod_bias_enabled=False),
         "dense-llava": dict(six, mod_target_layers=None, mod_decay_span=None),
-        "plain-llama": dict(six, mod_target_layers=None, mod_decay_span=None, mm_projector_type=None,
+        "plain-llama": dict(six, mod_target_layers=None, mod_decay_span=None, mm_projector_type=None, mm_vision_tower=None,
                             mm_hidden_size=None, mm_patch_merge_type="flat", image_aspect_ratio="square",
                             image_grid_pinpoints=None),
         "llava-1.5-linear-projector": dict(six, mod_decay_span=5, mm_projector_type="linear",
