@@ -58,6 +58,10 @@ class Engine(ABC):
         """Token embeddings [T, H] (float32), for splicing in image features."""
         raise PmodError(f"backend {type(self).__name__} cannot return embeddings")
 
+    def encode_image(self, image) -> np.ndarray:
+        """Projected, packed features ``[n_image_tokens, H]`` (float32) of a ``pmod.image.ImageInput``."""
+        raise PmodError(f"backend {type(self).__name__} cannot encode images")
+
     def check_room(self, n_new: int) -> None:
         """Refuse a chunk that would overflow the context window."""
         limit = self.config.max_position_embeddings

@@ -26,12 +26,11 @@ class Reply:
 
 class Session:
     def __init__(self, engine: Engine, model_dir: str | Path, tokenizer=None):
-        from .image import ImageProcessorConfig
-
         self.engine = engine
         self.config = engine.config
+        self.model_dir = Path(model_dir)
         self.tokenizer = tokenizer or load_tokenizer(model_dir)
-        self.processor = ImageProcessorConfig.for_model(model_dir, self.config)
+        self._processor = None
         self.eos_ids = set(self.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
@@ -42,22 +41,36 @@ class Session:
         self.turns = 0
 
     # ------------------------------------------------------------------ inputs
+    @property
+    def processor(self):
+        """Image preprocessing settings, read on the first image."""
+        from .image import ImageProcessorConfig
+
+        if self.config.vision_config is None:
+            raise PmodError(
+                f"{self.model_dir} has no vision tower, so it cannot take images: re-convert it with "
+                "'pmod convert SRC DST --vision-tower CLIP_DIR'")
+        if self._processor is None:
+            self._processor = ImageProcessorConfig.for_model(self.config, self.model_dir)
+        return self._processor
+
     def encode(self, text: str, images=(), add_bos: bool = True) -> dict:
         """Prefill arguments for ``text`` whose ``<image>`` markers are filled by ``images``."""
-        from .image import load_image, preprocess, routed_mask
+        from .image import preprocess
 
         segments = prompt.split_segments(prompt.tokenize(self.tokenizer, text, add_bos=add_bos))
         if not images:
             return dict(input_ids=segments[0] if segments else np.zeros(0, np.int32))
-        inputs = [preprocess(load_image(img), self.config, self.processor) for img in images]
-        n_tokens = sum(len(s) for s in segments if s is not None) + sum(len(i.plan) for i in inputs)
+        processor = self.processor
+        inputs = [preprocess(img, self.config, processor) for img in images]
+        n_tokens = sum(len(s) for s in segments if s is not None) + sum(i.num_tokens for i in inputs)
         self.engine.check_room(n_tokens)  # before the (costly) vision tower runs
         embeds, masks, it = [], [], iter(inputs)
         for seg in segments:
             if seg is None:
                 image = next(it)
                 embeds.append(self.engine.encode_image(image))
-                masks.append(routed_mask(image, self.config))
+                masks.append(image.routed_mask(self.config.mod_target_token_type))
             else:
                 embeds.append(self.engine.embed(seg))
                 masks.append(np.zeros(len(seg), dtype=bool))

@@ -39,6 +39,15 @@ class MLXEngine(Engine):
         ids = mx.array(np.asarray(input_ids, dtype=np.int32).reshape(-1))
         return np.array(self.model.language_model.embed_tokens(ids).astype(mx.float32))
 
+    def encode_image(self, image) -> np.ndarray:
+        model = self.model
+        feats = model.encode_images(mx.array(image.pixel_values).astype(self.dtype))
+        rows = [feats.reshape(-1, feats.shape[-1])]
+        if "image_newline" in model:
+            rows.append(model.image_newline[None].astype(feats.dtype))
+        packed = mx.concatenate(rows)[mx.array(image.feature_index())]
+        return np.array(packed.astype(mx.float32))
+
     def kv_lengths(self) -> list[int]:
         return [c.size() for c in self.cache]
 

@@ -61,7 +61,10 @@ def test_generate_cli_equals_transformers_greedy(dense_model, capsys):
     ids = tok(templated, return_tensors="pt")["input_ids"]
     hf = hf_llama(config, tensors)
     with torch.no_grad():
-        gen = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
+        # An explicit mask: the tiny tokenizer maps unseen characters to <unk> = 0, which
+        # generate() would otherwise take for padding.
+        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                          eos_token_id=2, pad_token_id=0)
     expected = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
     assert out.out == expected + "\n"
     assert out.err == ""  # statistics only with --verbose
