@@ -64,6 +64,7 @@ class GenerationStats:
     decode_steps: int = 0
     finish_reason: str = ""
     image_tokens: int = 0
+    unfed_token: int | None = None  # the last token yielded but not yet in the context
     context_tokens: int = 0
     kv_lengths: list[int] = field(default_factory=list)
 
@@ -82,6 +83,8 @@ def generate_tokens(engine: Engine, input_ids=None, *, inputs_embeds=None, visio
     """Prefill the prompt onto the engine's context, then yield sampled tokens.
 
     Stops at an EOS token (not yielded), after ``max_tokens``, or when the context is full.
+    The last token yielded then is not in the context yet: ``stats.unfed_token`` says which,
+    so a conversation can feed it before its next turn.
     """
     sampler = sampler or Sampler(SamplerArgs())
     stats = stats if stats is not None else GenerationStats()
@@ -94,6 +97,7 @@ def generate_tokens(engine: Engine, input_ids=None, *, inputs_embeds=None, visio
     stats.prefill_s = time.perf_counter() - t0
     eos = set(int(e) for e in eos_ids)
     stats.finish_reason = "length"
+    pending = None
     try:
         for i in range(max_tokens):
             token = sampler(logits)
@@ -101,6 +105,7 @@ def generate_tokens(engine: Engine, input_ids=None, *, inputs_embeds=None, visio
                 stats.finish_reason = "stop"
                 break
             stats.generated_tokens += 1
+            pending = token
             yield token
             if i + 1 == max_tokens:
                 break
@@ -109,9 +114,11 @@ def generate_tokens(engine: Engine, input_ids=None, *, inputs_embeds=None, visio
                 break
             t1 = time.perf_counter()
             logits = engine.decode(token)
+            pending = None
             stats.decode_s += time.perf_counter() - t1
             stats.decode_steps += 1
     finally:  # also when the caller stops early (a stop string)
+        stats.unfed_token = pending
         stats.context_tokens = engine.position
         stats.kv_lengths = engine.kv_lengths()
 

@@ -35,10 +35,12 @@ class Session:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
         self.turns = 0
+        self._unfed: int | None = None  # the last reply's final token, when not yet in the context
 
     def reset(self) -> None:
         self.engine.reset()
         self.turns = 0
+        self._unfed = None
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -85,8 +87,17 @@ class Session:
         else:  # the last reply's </s> was sampled, not fed: it opens this turn
             turn = prompt.SEP2 + prompt.user_turn(message)
         inputs = self.encode(turn, images, add_bos=self.turns == 0)
+        if self._unfed is not None:
+            inputs = self._prepend(self._unfed, inputs)
         self.turns += 1
         return self._stream(inputs, **kwargs)
+
+    def _prepend(self, token: int, inputs: dict) -> dict:
+        ids = np.asarray([token], np.int32)
+        if "input_ids" in inputs:
+            return dict(input_ids=np.concatenate([ids, inputs["input_ids"]]))
+        return dict(inputs_embeds=np.concatenate([self.engine.embed(ids), inputs["inputs_embeds"]]),
+                    vision_mask=np.concatenate([[False], inputs["vision_mask"]]))
 
     def complete(self, messages: list[prompt.Message], images=(), system: str | None = None,
                  **kwargs) -> Iterator[str]:
@@ -103,27 +114,30 @@ class Session:
         stops = [s for s in (stop or []) if s]
         tokens = generate_tokens(self.engine, max_tokens=max_tokens, sampler=sampler or Sampler(SamplerArgs()),
                                  eos_ids=self.eos_ids, stats=reply.stats, **inputs)
-        for token in tokens:
-            piece = detok.add(token)
-            if stops and piece:
-                full = reply.text + piece
-                hits = [full.find(s, max(0, len(reply.text) - len(s))) for s in stops]
-                hits = [h for h in hits if h >= 0]
-                if hits:
-                    piece = full[len(reply.text):min(hits)]
-                    reply.text += piece
-                    reply.stats.finish_reason = "stop"
-                    tokens.close()
-                    if piece:
-                        yield piece
-                    return
-            reply.text += piece
-            if piece:
-                yield piece
-        tail = detok.finish()
-        reply.text += tail
-        if tail:
-            yield tail
+        try:
+            for token in tokens:
+                piece = detok.add(token)
+                if stops and piece:
+                    full = reply.text + piece
+                    hits = [full.find(s, max(0, len(reply.text) - len(s))) for s in stops]
+                    hits = [h for h in hits if h >= 0]
+                    if hits:
+                        piece = full[len(reply.text):min(hits)]
+                        reply.text += piece
+                        reply.stats.finish_reason = "stop"
+                        if piece:
+                            yield piece
+                        return
+                reply.text += piece
+                if piece:
+                    yield piece
+            tail = detok.finish()
+            reply.text += tail
+            if tail:
+                yield tail
+        finally:  # also when the consumer stops reading (a client gone)
+            tokens.close()
+            self._unfed = reply.stats.unfed_token
 
 
 def open_session(model_dir, backend: str = "mlx", dtype: str | None = None, **kwargs) -> Session:
