@@ -32,51 +32,61 @@ from .cache import LayerKVCache, make_cache
 
 @dataclass
 class Rope:
-    """cos/sin tables for a chunk's positions, ``[T, head_dim]`` in rotate-half layout."""
+    """cos/sin tables ``[B or 1, T, head_dim]`` (rotate-half layout) for a chunk's positions."""
 
     cos: mx.array
     sin: mx.array
-    positions: mx.array
+    positions: mx.array  # [B or 1, T]
 
     def take(self, idx: mx.array) -> "Rope":
-        return Rope(self.cos[idx], self.sin[idx], self.positions[idx])
+        """The rows of the kept tokens, ``idx`` ``[B, n]``."""
+        if self.cos.shape[0] != idx.shape[0]:
+            return Rope(self.cos[0][idx], self.sin[0][idx], self.positions[0][idx])
+        return Rope(mx.take_along_axis(self.cos, idx[..., None], axis=1),
+                    mx.take_along_axis(self.sin, idx[..., None], axis=1),
+                    mx.take_along_axis(self.positions, idx, axis=1))
 
 
 def rope_tables(config: PmodConfig, positions: mx.array) -> Rope:
+    """Tables for ``positions`` ``[T]`` (shared by the batch) or ``[B, T]``."""
+    positions = positions if positions.ndim == 2 else positions[None]
     D = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (mx.arange(0, D, 2, dtype=mx.float32) / D))
     pos = positions.astype(mx.float32)
     if config.rope_scaling and config.rope_scaling.get("rope_type", config.rope_scaling.get("type")) == "linear":
         pos = pos / config.rope_scaling["factor"]
-    freqs = pos[:, None] * inv_freq[None, :]
+    freqs = pos[..., None] * inv_freq
     emb = mx.concatenate([freqs, freqs], axis=-1)
     return Rope(mx.cos(emb), mx.sin(emb), positions)
 
 
 def apply_rope(x: mx.array, rope: Rope) -> mx.array:
-    """HF LLaMA rotary embedding: ``x * cos + rotate_half(x) * sin``."""
+    """HF LLaMA rotary embedding ``x * cos + rotate_half(x) * sin`` on ``x`` ``[B, H, T, D]``."""
     half = x.shape[-1] // 2
     rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * rope.cos + rotated * rope.sin).astype(x.dtype)
+    return (x * rope.cos[:, None] + rotated * rope.sin[:, None]).astype(x.dtype)
 
 
 @dataclass
 class Routing:
-    """Where a chunk's vision tokens are; computed once per forward on the host."""
+    """Where a chunk's vision tokens are (every row of a batch has the same count)."""
 
     n_vision: int
-    vision_idx: mx.array  # [n] int32
-    text_idx: mx.array  # [T - n] int32
-    is_vision: mx.array  # [T] bool
+    vision_idx: mx.array  # [B, n] int32
+    text_idx: mx.array  # [B, T - n] int32
+    is_vision: mx.array  # [B, T] bool
 
     @classmethod
     def from_mask(cls, mask: np.ndarray) -> "Routing | None":
-        mask = np.asarray(mask, dtype=bool).reshape(-1)
-        n = int(mask.sum())
-        if n == 0:
+        mask = np.asarray(mask, dtype=bool)
+        counts = mask.sum(axis=1)
+        if not counts.any():
             return None
-        return cls(n, mx.array(np.flatnonzero(mask).astype(np.int32)),
-                   mx.array(np.flatnonzero(~mask).astype(np.int32)), mx.array(mask))
+        if (counts != counts[0]).any():
+            raise PmodError(f"every row of a batch needs the same number of vision tokens, got {counts.tolist()}")
+        order = np.argsort(~mask, axis=1, kind="stable").astype(np.int32)  # vision first, in order
+        n = int(counts[0])
+        return cls(n, mx.array(order[:, :n]), mx.array(order[:, n:]), mx.array(mask))
 
 
 class Attention(nn.Module):
@@ -98,7 +108,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v, rope.positions)
+            k, v = cache.update_and_fetch(k, v, rope.positions.reshape(-1))
         # Cached positions all precede the chunk's and both are in increasing order, so
         # "key position <= query position" is the bottom-right aligned causal mask.
         mask = "causal" if T > 1 else None
@@ -141,19 +151,20 @@ class DecoderLayer(nn.Module):
         if self.ratio is None or routing is None:
             h, m = self._block(x, rope, cache)
             return h + m
-        s = self.router(x)[0, :, 0].astype(mx.float32)  # [T]
+        s = self.router(x)[..., 0].astype(mx.float32)  # [B, T]
         w = self.w_scale * self.w_fn(s) + self.w_bias
         k = kept_count(routing.n_vision, self.ratio)
         gate = mx.where(routing.is_vision, w, 1.0).astype(x.dtype)  # w on vision, 1 on text
-        out = gate[None, :, None] * x  # skipped vision tokens: w * x
-        if k == 0 and routing.text_idx.size == 0:
+        out = gate[..., None] * x  # skipped vision tokens: w * x
+        if k == 0 and routing.text_idx.shape[1] == 0:
             return out  # an all-vision chunk of which this layer keeps nothing
         # argsort is stable: equal scores keep the lower index first.
-        top = mx.argsort(-s[routing.vision_idx])[:k]
-        keep = mx.sort(mx.concatenate([routing.text_idx, routing.vision_idx[top]]))
-        h, m = self._block(x[:, keep], rope.take(keep), cache)
-        out[:, keep] = h + gate[keep][None, :, None] * m
-        return out
+        top = mx.argsort(-mx.take_along_axis(s, routing.vision_idx, axis=1), axis=1)[:, :k]
+        keep = mx.sort(mx.concatenate([routing.text_idx, mx.take_along_axis(routing.vision_idx, top, axis=1)],
+                                      axis=1), axis=1)  # [B, n_keep], original order
+        h, m = self._block(mx.take_along_axis(x, keep[..., None], axis=1), rope.take(keep), cache)
+        kept = h + mx.take_along_axis(gate, keep, axis=1)[..., None] * m
+        return mx.put_along_axis(out, keep[..., None], kept, axis=1)
 
 
 class LanguageModel(nn.Module):
@@ -174,14 +185,14 @@ class LanguageModel(nn.Module):
                  last_only: bool = False) -> mx.array:
         """Logits ``[1, T, V]`` (``[1, 1, V]`` with ``last_only``) for a chunk of tokens."""
         h = self.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
-        if h.ndim != 3 or h.shape[0] != 1:
-            raise PmodError(f"batch size 1 only: got input of shape {list(h.shape)}")
-        T = h.shape[1]
+        if h.ndim != 3 or (cache and h.shape[0] != 1):
+            raise PmodError(f"batch size 1 only with a cache: got input of shape {list(h.shape)}")
+        B, T = h.shape[:2]
         routing = None
         if vision_mask is not None:
-            mask = np.asarray(vision_mask).reshape(-1)
-            if mask.shape[0] != T:
-                raise PmodError(f"vision_mask has {mask.shape[0]} entries for {T} tokens")
+            mask = np.asarray(vision_mask).reshape(B, -1)
+            if mask.shape[1] != T:
+                raise PmodError(f"vision_mask has {mask.shape[1]} entries for {T} tokens")
             routing = Routing.from_mask(mask)
         offset = cache[0].offset if cache else 0
         rope = rope_tables(self.config, mx.arange(offset, offset + T, dtype=mx.int32))

@@ -253,3 +253,27 @@ def test_mlx_engine_reset_and_ids(tmp_path):
     assert engine.position == 0 and engine.kv_lengths() == [0] * config.num_hidden_layers
     b = engine.prefill(input_ids=ids)
     np.testing.assert_array_equal(a, b)
+
+
+def test_batched_forward_equals_rows(tmp_path):
+    """Training runs batches (no cache): each row routes its own vision tokens."""
+    import mlx.core as mx
+
+    config = tiny_config()
+    tensors = random_tensors(config, seed=11)
+    model = pmod_mlx.load(write_checkpoint(tmp_path, config, tensors), dtype="float32")
+    rng = np.random.default_rng(0)
+    T = 24
+    masks = np.zeros((3, T), bool)
+    masks[0, 2:14] = True
+    masks[1, 10:22] = True
+    masks[2, [0, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23]] = True
+    embeds = np.stack([vision_inputs(tensors, rng.integers(3, 90, T), m, seed=i) for i, m in enumerate(masks)])
+    batched = np.array(model.language_model(inputs_embeds=mx.array(embeds), vision_mask=masks))
+    for i in range(3):
+        row = np.array(model.language_model(inputs_embeds=mx.array(embeds[i:i + 1]), vision_mask=masks[i:i + 1]))
+        np.testing.assert_allclose(batched[i], row[0], atol=1e-5)
+    with pytest.raises(pmod.PmodError, match="same number of vision tokens"):
+        bad = masks.copy()
+        bad[0, 2] = False
+        model.language_model(inputs_embeds=mx.array(embeds), vision_mask=bad)
