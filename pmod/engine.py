@@ -110,7 +110,11 @@ def _normalize_inputs(input_ids, inputs_embeds, vision_mask, hidden_size: int):
 
 
 def open_engine(path, backend: str = "mlx", dtype: str | None = None, **kwargs) -> Engine:
-    """Open a pmod checkpoint directory with the chosen runtime."""
+    """Open a pmod checkpoint directory with the chosen runtime.
+
+    ``dense=True`` gives the plain-LLaVA twin on the same weights: every layer runs over
+    every token, routers unused (for p-MoD vs dense comparisons).
+    """
     if backend not in BACKENDS:
         raise PmodError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     target, extra = BACKENDS[backend]

@@ -452,13 +452,16 @@ class ImageInput:
     def num_tokens(self) -> int:
         return int(self.plan.shape[0])
 
-    def feature_index(self) -> np.ndarray:
+    def feature_index(self, offset: int = 0, newline_row: int | None = None) -> np.ndarray:
         """The plan as rows of ``concat(features.reshape(-1, H), image_newline[None])``.
 
-        Every runtime packs an image with this one gather: -1 becomes the appended newline row.
+        Every runtime packs an image with this one gather: -1 becomes the appended newline
+        row. With several images in one feature matrix, ``offset`` is the row of this
+        image's first tile and ``newline_row`` the row of the shared newline vector.
         """
         n_rows = self.pixel_values.shape[0] * self.tokens_per_tile
-        return np.where(self.plan < 0, n_rows, self.plan).astype(np.int32)
+        newline = n_rows + offset if newline_row is None else newline_row
+        return np.where(self.plan < 0, newline, self.plan + offset).astype(np.int32)
 
     def routed_mask(self, token_type: str = "vision_hr") -> np.ndarray:
         """Which image tokens are MoD vision tokens (official ``mod_target_mask``)."""

@@ -68,6 +68,51 @@ def render(messages: list[Message], system: str = SYSTEM) -> str:
     return out
 
 
+def render_dialogue(messages: list[Message], system: str = SYSTEM) -> tuple[str, list[tuple[int, int]]]:
+    """A conversation whose assistant replies are included, and the replies' character spans.
+
+    The text is what :func:`render` + the generated replies put in the context, so a model
+    trained on it sees exactly what it sees at inference; the spans (each reply and its
+    ``</s>``) are where the training loss goes.
+    """
+    if not messages or messages[-1].role != "assistant":
+        raise PmodError("a training conversation must end with an assistant message")
+    out, spans = system + SEP, []
+    for m in messages:
+        if m.role == "user":
+            out += user_turn(m)
+        elif m.role == "assistant":
+            start = len(out)  # the leading space too: SentencePiece-style tokens carry it
+            out += assistant_reply(m.text)
+            spans.append((start, len(out)))
+        else:
+            raise PmodError(f"unknown role {m.role!r}: use one of {', '.join(ROLES)}")
+    return out, spans
+
+
+def tokenize_dialogue(tokenizer, messages: list[Message], system: str = SYSTEM) -> tuple[list, np.ndarray]:
+    """Token ids (``None`` at image slots) and a loss mask marking the assistant replies' tokens."""
+    text, spans = render_dialogue(messages, system)
+    tokens: list = []
+    mask: list[bool] = []
+    base = 0
+    bos = tokenizer.bos_token_id
+    for i, piece in enumerate(text.split(IMAGE)):
+        enc = tokenizer(piece, return_offsets_mapping=True, verbose=False)
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        if bos is not None and ids[:1] == [bos] and i > 0:
+            ids, offsets = ids[1:], offsets[1:]
+        if i > 0:
+            tokens.append(None)
+            mask.append(False)
+        for t, (a, b) in zip(ids, offsets):
+            tokens.append(t)
+            start = base + a
+            mask.append(b > a and any(s <= start < e for s, e in spans))
+        base += len(piece) + len(IMAGE)
+    return tokens, np.asarray(mask, dtype=bool)
+
+
 def tokenize(tokenizer, text: str, add_bos: bool = True) -> list:
     """Token ids with ``None`` at each ``<image>`` slot (official ``tokenizer_image_token``)."""
     pieces = text.split(IMAGE)

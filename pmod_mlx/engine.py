@@ -11,8 +11,9 @@ from .loader import load
 
 
 class MLXEngine(Engine):
-    def __init__(self, path, dtype: str | None = None):
+    def __init__(self, path, dtype: str | None = None, dense: bool = False):
         self.model = load(path, dtype)
+        self.dense = dense  # run every layer over every token: the plain-LLaVA twin
         self.config = self.model.config
         self.dtype = self.model.language_model.norm.weight.dtype
         self.cache = self.model.make_cache()
@@ -24,7 +25,7 @@ class MLXEngine(Engine):
         logits = lm(
             inputs=None if ids is None else mx.array(ids)[None],
             inputs_embeds=None if emb is None else mx.array(emb).astype(self.dtype)[None],
-            vision_mask=mask if mask.any() else None,
+            vision_mask=mask if mask.any() and not self.dense else None,
             cache=self.cache,
             last_only=True,
         )

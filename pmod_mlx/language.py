@@ -158,10 +158,12 @@ class DecoderLayer(nn.Module):
         out = gate[..., None] * x  # skipped vision tokens: w * x
         if k == 0 and routing.text_idx.shape[1] == 0:
             return out  # an all-vision chunk of which this layer keeps nothing
-        # argsort is stable: equal scores keep the lower index first.
+        # argsort is stable: equal scores keep the lower index first. The selection passes
+        # no gradient; the router learns through w, which scales kept and skipped tokens.
         top = mx.argsort(-mx.take_along_axis(s, routing.vision_idx, axis=1), axis=1)[:, :k]
         keep = mx.sort(mx.concatenate([routing.text_idx, mx.take_along_axis(routing.vision_idx, top, axis=1)],
                                       axis=1), axis=1)  # [B, n_keep], original order
+        keep = mx.stop_gradient(keep)
         h, m = self._block(mx.take_along_axis(x, keep[..., None], axis=1), rope.take(keep), cache)
         kept = h + mx.take_along_axis(gate, keep, axis=1)[..., None] * m
         return mx.put_along_axis(out, keep[..., None], kept, axis=1)
