@@ -25,7 +25,7 @@ def _cmd_info(args) -> None:
 def _cmd_convert(args) -> None:
     from .convert import convert_checkpoint
 
-    dst = convert_checkpoint(args.src, args.dst, dtype=args.dtype)
+    dst = convert_checkpoint(args.src, args.dst, dtype=args.dtype, vision_tower=args.vision_tower)
     print(f"wrote {dst}", file=sys.stderr)
 
 
@@ -67,11 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pmod", description="Run, convert and inspect p-MoD models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("convert", help="convert an official p-MoD / LLaVA checkpoint to a pmod directory")
+    s = sub.add_parser("convert", help="convert an official p-MoD / LLaVA or a llava-hf checkpoint to a pmod directory")
     s.add_argument("src", help="official checkpoint directory (config.json + safetensors or .bin)")
     s.add_argument("dst", help="output pmod directory (must not exist)")
     s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="weight dtype on disk (default: the source's, float16 for float32 sources)")
+    s.add_argument("--vision-tower", metavar="CLIP_DIR", default=None,
+                   help="Hugging Face CLIPVisionModel / CLIPModel directory whose vision tower goes into DST "
+                        "(official checkpoints without their own; llava-hf checkpoints carry theirs)")
     s.set_defaults(func=_cmd_convert)
 
     s = sub.add_parser("info", help="print a model's config and per-layer schedule")

@@ -32,6 +32,7 @@ SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "generation_config.json", "chat_template.json", "chat_template.jinja",
+    "preprocessor_config.json", "processor_config.json",
 )
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 SHARD_BYTES = 2 * 1024**3

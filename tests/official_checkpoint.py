@@ -357,3 +357,18 @@ def write_tiny_tokenizer(dir, vocab_size: int) -> None:
         "model_max_length": 4096, "padding_side": "right", "clean_up_tokenization_spaces": False,
     }, indent=2) + "\n")
     (dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------ vision tower
+OFFICIAL_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
+
+
+def official_tower_state_dict(clip_tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CLIP vision tensors (``CLIPVisionModel`` names, with or without ``vision_model.``) under the
+    names LLaVA's ``CLIPVisionTower`` saves them (``model.vision_tower.vision_tower.vision_model.*``).
+
+    Pass them as ``extra=`` to :func:`make_official_checkpoint` with ``vision_tower=False`` for
+    a checkpoint that carries its whole tower (``unfreeze_mm_vision_tower``).
+    """
+    return {OFFICIAL_TOWER_PREFIX + (k[len("vision_model."):] if k.startswith("vision_model.") else k): v
+            for k, v in clip_tensors.items()}
