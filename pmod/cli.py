@@ -41,6 +41,12 @@ def _cmd_generate(args) -> None:
     run_generate(args)
 
 
+def _cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args)
+
+
 def _cmd_chat(args) -> None:
     from .chat import run_chat
 
@@ -53,8 +59,39 @@ def _cmd_server(args) -> None:
     run_server(args)
 
 
+def _export_module(name: str):
+    """A ``pmod_export`` module, or a one-line error saying which extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"pmod_export.{name}")
+    except ImportError as e:
+        if e.name and e.name.startswith("pmod_export."):
+            raise
+        raise PmodError(f"pmod export needs torch and onnx ({e.name or e} is missing): pip install 'pmod[export]'") from None
+
+
+def _cmd_export_onnx(args) -> None:
+    dst = _export_module("onnx_export").export_onnx(
+        args.model, args.out, args.max_vision_tokens, dtype=args.dtype, max_context=args.max_context)
+    print(f"wrote {dst}", file=sys.stderr)
+
+
+def _cmd_export_lint(args) -> None:
+    findings = _export_module("lint").lint_path(args.path)
+    for f in findings:
+        print(f)
+    if findings:
+        raise PmodError(f"{len(findings)} TensorRT-compatibility problem(s) in {args.path} (listed above)")
+    print(f"{args.path}: no TensorRT-compatibility problems", file=sys.stderr)
+
+
 def _add_sampling(s) -> None:
-    s.add_argument("--backend", default="mlx", help="runtime: mlx (more with the export/trt extras)")
+    from .engine import BACKENDS
+
+    s.add_argument("--backend", default="mlx", choices=list(BACKENDS),
+                   help="runtime: mlx or torch (--model is a pmod checkpoint), onnx (--model is a "
+                        "'pmod export onnx' directory)")
     s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="compute dtype (default: float32 on CPU, float16 on Metal)")
     s.add_argument("--max-tokens", type=int, default=256)
@@ -91,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_flops)
 
     s = sub.add_parser("generate", help="answer one prompt (optionally with images), streamed to stdout")
-    s.add_argument("--model", required=True, help="pmod checkpoint directory")
+    s.add_argument("--model", help="pmod checkpoint directory (default: the embedded model)")
     s.add_argument("--prompt", required=True, help="the user's message (the chat template is applied)")
     s.add_argument("--image", action="append", help="an image for the prompt (repeat for several)")
     s.add_argument("--verbose", action="store_true", help="statistics to stderr")
@@ -99,22 +136,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("chat", help="multi-turn chat in the terminal (/image PATH, /reset, /exit)")
-    s.add_argument("--model", required=True, help="pmod checkpoint directory")
+    s.add_argument("--model", help="pmod checkpoint directory (default: the embedded model)")
     _add_sampling(s)
     s.set_defaults(func=_cmd_chat)
 
+    s = sub.add_parser("export", help="export a pmod checkpoint to ONNX, lint graphs for TensorRT")
+    export = s.add_subparsers(dest="export_command", required=True, parser_class=_Parser)
+    e = export.add_parser("onnx", help="write ONNX graphs (vision, prefill, decode, embed) and a manifest")
+    e.add_argument("--model", required=True, help="pmod checkpoint directory")
+    e.add_argument("--out", required=True, help="output directory (must not exist)")
+    e.add_argument("--max-vision-tokens", type=int, required=True,
+                   help="N: most routed vision tokens a prefill chunk may hold (fixes every MoD capacity)")
+    e.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="graph dtype")
+    e.add_argument("--max-context", type=int, default=None,
+                   help="longest context the graphs serve (default: max_position_embeddings)")
+    e.set_defaults(func=_cmd_export_onnx)
+    e = export.add_parser("lint", help="TensorRT-compatibility lint of an export directory or .onnx file")
+    e.add_argument("path", help="export directory or .onnx file")
+    e.set_defaults(func=_cmd_export_lint)
+
     s = sub.add_parser("server", help="local OpenAI-compatible server (/v1/chat/completions)")
-    s.add_argument("--model", required=True, help="pmod checkpoint directory")
+    s.add_argument("--model", help="pmod checkpoint directory (default: the embedded model)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     _add_sampling(s)
     s.set_defaults(func=_cmd_server)
+
+    s = sub.add_parser("demo", help="the embedded model answers questions about an image and shows what p-MoD kept")
+    s.add_argument("--model", help="pmod checkpoint directory (default: the embedded model)")
+    s.add_argument("--image", help="your own image (default: a drawn sample of the shapes task)")
+    s.add_argument("--prompt", help="your own question about --image")
+    s.add_argument("--out", help="directory for the routing picture (default: current directory)")
+    s.add_argument("--sample", type=int, default=0, help="which drawn sample of the shapes task")
+    s.add_argument("--questions", type=int, default=4, help="questions about a drawn sample")
+    _add_sampling(s)
+    s.set_defaults(func=_cmd_demo)
     return p
 
 
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if hasattr(args, "model") and args.command in ("generate", "chat", "server", "demo"):
+            from .models import resolve_model
+
+            args.model = str(resolve_model(args.model))
         args.func(args)
     except PmodError as e:
         print(f"pmod: error: {e}", file=sys.stderr)

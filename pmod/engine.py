@@ -20,6 +20,8 @@ from .errors import PmodError
 # backend name -> ("module:factory", pip extra that provides it)
 BACKENDS: dict[str, tuple[str, str]] = {
     "mlx": ("pmod_mlx.engine:MLXEngine", "mlx"),
+    "torch": ("pmod_export.torch_engine:TorchEngine", "export"),
+    "onnx": ("pmod_export.ort_engine:OrtEngine", "export"),
 }
 
 
@@ -44,6 +46,10 @@ class Engine(ABC):
     @abstractmethod
     def kv_lengths(self) -> list[int]:
         """Tokens held in each layer's KV cache."""
+
+    def kept_positions(self) -> list[np.ndarray]:
+        """The positions each layer's KV cache holds (MoD layers: text + kept vision tokens)."""
+        raise PmodError(f"backend {type(self).__name__} does not report cached positions")
 
     @abstractmethod
     def reset(self) -> None:

@@ -53,6 +53,7 @@ DEFAULT_PORT = 8080
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a request body (base64 images included)
 MAX_QUEUE = 64  # requests waiting for or in generation; more get 503
 MAX_STOP = 16
+MAX_IMAGES = 32  # per request (each one is decoded, up to pmod.image's pixel cap)
 SOCKET_TIMEOUT_S = 120.0  # reading a request, writing a response, idle keep-alive
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -155,6 +156,12 @@ class Defaults:
     seed: int | None = None
 
 
+def _short(v, limit: int = 80) -> str:
+    """``repr(v)`` cut to ``limit`` characters, for error messages that quote a client's value."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -168,7 +175,7 @@ def _number(body: dict, key: str, default: float) -> float:
     except OverflowError:
         ok = False
     if not ok:
-        raise RequestError(f"'{key}' must be a number, got {v!r}"[:200], key)
+        raise RequestError(f"'{key}' must be a number, got {_short(v)}", key)
     return float(v)
 
 
@@ -178,7 +185,7 @@ def parse_chat_request(body: Any, defaults: Defaults, max_image_bytes: int = MAX
         raise RequestError("the request body must be a JSON object")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise RequestError(f"'model' must be a string, got {model!r}", "model")
+        raise RequestError(f"'model' must be a string, got {_short(model)}", "model")
 
     # -- sampling and limits
     max_tokens = defaults.max_tokens
@@ -187,7 +194,7 @@ def parse_chat_request(body: Any, defaults: Defaults, max_image_bytes: int = MAX
         if v is None:
             continue
         if not _is_int(v) or v < 1:
-            raise RequestError(f"'{key}' must be an integer >= 1, got {v!r}", key)
+            raise RequestError(f"'{key}' must be an integer >= 1, got {_short(v)}", key)
         max_tokens = v
         break
     temp = _number(body, "temperature", defaults.temp)
@@ -200,17 +207,17 @@ def parse_chat_request(body: Any, defaults: Defaults, max_image_bytes: int = MAX
     if seed is None:
         seed = defaults.seed
     if seed is not None and (not _is_int(seed) or seed < 0):
-        raise RequestError(f"'seed' must be an integer >= 0, got {seed!r}", "seed")
+        raise RequestError(f"'seed' must be an integer >= 0, got {_short(seed)}", "seed")
     n = body.get("n")
     if n is not None and n != 1:
-        raise RequestError(f"'n' must be 1 (one choice per request), got {n!r}", "n")
+        raise RequestError(f"'n' must be 1 (one choice per request), got {_short(n)}", "n")
     stop = body.get("stop")
     if stop is None:
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise RequestError(f"'stop' must be a string or a list of strings, got {stop!r}", "stop")
+        raise RequestError(f"'stop' must be a string or a list of strings, got {_short(stop)}", "stop")
     if len(stop) > MAX_STOP:
         raise RequestError(f"'stop' has {len(stop)} strings, more than {MAX_STOP}", "stop")
     stop = [s for s in stop if s]
@@ -218,7 +225,7 @@ def parse_chat_request(body: Any, defaults: Defaults, max_image_bytes: int = MAX
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise RequestError(f"'stream' must be true or false, got {stream!r}", "stream")
+        raise RequestError(f"'stream' must be true or false, got {_short(stream)}", "stream")
     include_usage = False
     opts = body.get("stream_options")
     if opts is not None:
@@ -240,7 +247,7 @@ def parse_chat_request(body: Any, defaults: Defaults, max_image_bytes: int = MAX
             raise RequestError(f"{where} must be an object with 'role' and 'content'", where)
         role = m.get("role")
         if role not in ("system", "developer", "user", "assistant"):
-            raise RequestError(f"{where}.role {role!r} is not supported: use system, user or assistant",
+            raise RequestError(f"{where}.role {_short(role)} is not supported: use system, user or assistant",
                                f"{where}.role")
         content = m.get("content")
         if content is None and role == "assistant":
@@ -253,6 +260,8 @@ def parse_chat_request(body: Any, defaults: Defaults, max_image_bytes: int = MAX
         else:
             messages.append(prompt.Message(role, text, len(imgs)))
             images.extend(imgs)
+    if len(images) > MAX_IMAGES:
+        raise RequestError(f"the request has {len(images)} images, more than {MAX_IMAGES}", "messages")
     if not messages or messages[-1].role != "user":
         raise RequestError("'messages' must end with a user message", "messages")
     try:  # marker counts and roles, before the request queues
@@ -286,7 +295,7 @@ def _parse_content(content, where: str, max_image_bytes: int) -> tuple[str, list
             pieces.append(prompt.IMAGE)
         else:
             raise RequestError(f"{pw} must be a {{'type': 'text'}} or {{'type': 'image_url'}} part, "
-                               f"got type {kind!r}", pw)
+                               f"got type {_short(kind)}", pw)
     return "\n".join(pieces), images
 
 
@@ -301,7 +310,7 @@ def image_source(url, where: str, max_bytes: int = MAX_BODY_BYTES):
         if not sep or "base64" not in parts[1:]:
             raise RequestError(f"{where}: a data URL must be base64 (data:image/png;base64,...)", where)
         if parts[0] and not parts[0].startswith("image/"):
-            raise RequestError(f"{where}: data URL type {parts[0]!r} is not an image", where)
+            raise RequestError(f"{where}: data URL type {_short(parts[0])} is not an image", where)
         try:
             raw = base64.b64decode("".join(data.split()), validate=True)
         except (binascii.Error, ValueError):
@@ -315,7 +324,7 @@ def image_source(url, where: str, max_bytes: int = MAX_BODY_BYTES):
     if head.startswith("file:"):
         parsed = urllib.parse.urlparse(url)
         if parsed.netloc not in ("", "localhost"):
-            raise RequestError(f"{where}: file URL host {parsed.netloc!r} is not local", where)
+            raise RequestError(f"{where}: file URL host {_short(parsed.netloc)} is not local", where)
         path = urllib.parse.unquote(parsed.path)
     elif url.startswith("/"):
         path = url
@@ -324,30 +333,14 @@ def image_source(url, where: str, max_bytes: int = MAX_BODY_BYTES):
         raise RequestError(f"{where}: unsupported image URL{' scheme ' + repr(scheme) if scheme else ''}: "
                            "use data:image/...;base64,..., file:///abs/path or /abs/path", where)
     if not os.path.isabs(path):
-        raise RequestError(f"{where}: image file paths must be absolute, got {path!r}", where)
+        raise RequestError(f"{where}: image file paths must be absolute, got {_short(path)}", where)
     if not os.path.isfile(path):
-        raise RequestError(f"{where}: image file {path} not found", where)
+        raise RequestError(f"{where}: image file {_short(path)} not found (or not a file)", where)
     size = os.path.getsize(path)
     if size > max_bytes:
-        raise RequestError(f"{where}: image file {path} is {size} bytes, over the {max_bytes}-byte limit", where)
+        raise RequestError(f"{where}: image file {_short(path)} is {size} bytes, over the {max_bytes}-byte limit",
+                           where)
     return path
-
-
-def stop_cut(text: str, stops: list[str]) -> int | None:
-    """Index of the first stop string in ``text``, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def stop_holdback(text: str, stops: list[str]) -> int:
-    """How many trailing characters of ``text`` could start a stop string (not safe to send yet)."""
-    keep = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), keep, -1):
-            if text.endswith(s[:n]):
-                keep = n
-                break
-    return keep
 
 
 # ================================================================== generation jobs
@@ -423,6 +416,8 @@ class ChatServer(ThreadingHTTPServer):
         reply = Reply()
         try:
             sampler = Sampler(SamplerArgs(r.temp, r.top_p, r.seed))
+            # The session matches the stop strings: it holds back a tail that could begin one and
+            # ends the reply before the first match (reply.text is exactly the pieces yielded).
             pieces = self.session.complete(r.messages, r.images, system=r.system, max_tokens=r.max_tokens,
                                            sampler=sampler, stop=r.stop, reply=reply)
             try:
@@ -555,7 +550,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             raise RequestError("the request needs a Content-Length header", status=411)
         if not length.strip().isdigit():
             self.close_connection = True
-            raise RequestError(f"bad Content-Length {length!r}")
+            raise RequestError(f"bad Content-Length {_short(length)}")
         n = int(length)
         if n > self.server.max_body:
             self.close_connection = True
@@ -628,7 +623,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         elif path.startswith("/v1/models/"):
             name = urllib.parse.unquote(path[len("/v1/models/"):])
             if name != self.server.model_id:
-                raise RequestError(f"model {name!r} not found: this server serves {self.server.model_id!r}",
+                raise RequestError(f"model {_short(name)} not found: this server serves {self.server.model_id!r}",
                                    "model", status=404, code="model_not_found")
             self._send_json(200, self._model_card())
         elif path == "/health":
@@ -636,7 +631,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         elif path == "/v1/chat/completions":
             raise RequestError("use POST for /v1/chat/completions", status=405)
         else:
-            raise RequestError(f"unknown path {path}", status=404, code="not_found")
+            raise RequestError(f"unknown path {_short(path)}", status=404, code="not_found")
 
     def _post(self) -> None:
         path = self._route()
@@ -644,7 +639,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body is not read
             if path in ("/v1/models", "/health"):
                 raise RequestError(f"use GET for {path}", status=405)
-            raise RequestError(f"unknown path {path}", status=404, code="not_found")
+            raise RequestError(f"unknown path {_short(path)}", status=404, code="not_found")
         raw = self._read_body()
         try:
             body = json.loads(raw, parse_constant=_no_constant)
@@ -660,15 +655,20 @@ class ChatHandler(BaseHTTPRequestHandler):
     def _next_event(self, job: _Job):
         """The job's next event; cancels the job and raises if the client goes away meanwhile."""
         while True:
-            try:
-                return job.events.get(timeout=0.25)
-            except queue.Empty:
+            now = time.monotonic()
+            if now - self._checked > 0.25:  # also while events flow (a non-stream generation)
+                self._checked = now
                 if self._client_gone():
                     job.cancelled.set()
                     raise ConnectionAbortedError("client closed the connection")
+            try:
+                return job.events.get(timeout=0.25)
+            except queue.Empty:
+                pass
 
     def _chat(self, r: ChatRequest) -> None:
         job = self.server.submit(r)
+        self._checked = time.monotonic()
         try:
             if r.stream:
                 self._chat_stream(job)
@@ -677,17 +677,13 @@ class ChatHandler(BaseHTTPRequestHandler):
         finally:
             job.cancelled.set()  # no-op once it has finished; stops it if we leave early
 
-    def _finish(self, reply, r: ChatRequest) -> tuple[str, str, dict]:
-        text = reply.text
+    def _finish(self, reply) -> tuple[str, str, dict]:
         finish = "length" if reply.stats.finish_reason in ("length", "context") else "stop"
-        cut = stop_cut(text, r.stop)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
         s = reply.stats
         usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
                  "total_tokens": s.prompt_tokens + s.generated_tokens}
         self._tokens = f"prompt={s.prompt_tokens} completion={s.generated_tokens} finish={finish}"
-        return text, finish, usage
+        return reply.text, finish, usage
 
     def _chat_once(self, job: _Job) -> None:
         while True:
@@ -696,9 +692,9 @@ class ChatHandler(BaseHTTPRequestHandler):
                 raise value
             if kind == "done":
                 break
-            if kind == "end":  # cancelled before it ran (cannot happen while we wait)
-                raise RequestError("the request was cancelled", status=503, type="server_error")
-        text, finish, usage = self._finish(value, job.request)
+            if kind == "end":  # cancelled before it ran: the server is closing
+                raise RequestError("the server is shutting down", status=503, type="server_error")
+        text, finish, usage = self._finish(value)
         self._send_json(200, {
             "id": self._completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": self.server.model_id, "system_fingerprint": None,
@@ -712,6 +708,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         first = self._next_event(job)  # errors before any token (bad image, prompt too long) are a 400
         if first[0] == "error":
             raise first[1]
+        if first[0] == "end":  # cancelled before it ran: the server is closing
+            raise RequestError("the server is shutting down", status=503, type="server_error")
         cid, created = self._completion_id(), int(time.time())
 
         def chunk(delta: dict, finish=None) -> dict:
@@ -724,21 +722,13 @@ class ChatHandler(BaseHTTPRequestHandler):
 
         self._start_events()
         self._event(chunk({"role": "assistant", "content": ""}))
-        sent, text = 0, ""  # characters sent; text received so far
         event = first
         while True:
             kind, value = event
             if kind == "piece":
-                text += value
-                cut = stop_cut(text, r.stop)
-                safe = cut if cut is not None else len(text) - stop_holdback(text, r.stop)
-                if safe > sent:
-                    self._event(chunk({"content": text[sent:safe]}))
-                    sent = safe
+                self._event(chunk({"content": value}))
             elif kind == "done":
-                final, finish, usage = self._finish(value, r)
-                if len(final) > sent:
-                    self._event(chunk({"content": final[sent:]}))
+                _, finish, usage = self._finish(value)
                 self._event(chunk({}, finish))
                 if r.include_usage:
                     u = chunk({})

@@ -35,6 +35,7 @@ class Session:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
         self.turns = 0
+        self.image_positions: list[np.ndarray] = []
         self._unfed: int | None = None  # the last reply's final token, when not yet in the context
 
     def reset(self) -> None:
@@ -61,21 +62,24 @@ class Session:
         from .image import preprocess
 
         segments = prompt.split_segments(prompt.tokenize(self.tokenizer, text, add_bos=add_bos))
+        self.image_positions = []  # per image of this chunk: its tokens' positions in the chunk
         if not images:
             return dict(input_ids=segments[0] if segments else np.zeros(0, np.int32))
         processor = self.processor
         inputs = [preprocess(img, self.config, processor) for img in images]
         n_tokens = sum(len(s) for s in segments if s is not None) + sum(i.num_tokens for i in inputs)
         self.engine.check_room(n_tokens)  # before the (costly) vision tower runs
-        embeds, masks, it = [], [], iter(inputs)
+        embeds, masks, it, t = [], [], iter(inputs), 0
         for seg in segments:
             if seg is None:
                 image = next(it)
+                self.image_positions.append(np.arange(t, t + image.num_tokens))
                 embeds.append(self.engine.encode_image(image))
                 masks.append(image.routed_mask(self.config.mod_target_token_type))
             else:
                 embeds.append(self.engine.embed(seg))
                 masks.append(np.zeros(len(seg), dtype=bool))
+            t += len(masks[-1])
         return dict(inputs_embeds=np.concatenate(embeds), vision_mask=np.concatenate(masks))
 
     # ---------------------------------------------------------------- generate
@@ -103,38 +107,48 @@ class Session:
                  **kwargs) -> Iterator[str]:
         """Stream the reply to a whole conversation, from an empty context."""
         self.reset()
-        inputs = self.encode(prompt.render(messages, system=system or prompt.SYSTEM), images)
+        inputs = self.encode(prompt.render(messages, system=prompt.SYSTEM if system is None else system), images)
         self.turns = 1
         return self._stream(inputs, **kwargs)
 
     def _stream(self, inputs: dict, max_tokens: int = 256, sampler: Sampler | None = None,
                 stop: list[str] | None = None, reply: Reply | None = None) -> Iterator[str]:
+        """Yield the reply's text; with ``stop`` strings, text that could begin one is held
+        back until it is clear, and the reply ends before the first match."""
         reply = reply if reply is not None else Reply()
         detok = StreamingDetokenizer(self.tokenizer)
         stops = [s for s in (stop or []) if s]
         tokens = generate_tokens(self.engine, max_tokens=max_tokens, sampler=sampler or Sampler(SamplerArgs()),
                                  eos_ids=self.eos_ids, stats=reply.stats, **inputs)
+        text, sent = "", 0  # everything decoded; how much of it was yielded
+
+        def release(final: bool) -> tuple[str, bool]:
+            """(new text safe to yield, whether a stop string matched)."""
+            nonlocal sent
+            hits = [h for h in (text.find(s) for s in stops) if h >= 0]
+            end = min(hits) if hits else len(text)
+            if not hits and not final:  # hold back a tail that may begin a stop string
+                for s in stops:
+                    n = next((n for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), 0)
+                    end = min(end, len(text) - n)
+            piece, sent = text[sent:end], max(sent, end)
+            reply.text = text[:sent]
+            if hits:
+                reply.stats.finish_reason = "stop"
+            return piece, bool(hits)
+
         try:
             for token in tokens:
-                piece = detok.add(token)
-                if stops and piece:
-                    full = reply.text + piece
-                    hits = [full.find(s, max(0, len(reply.text) - len(s))) for s in stops]
-                    hits = [h for h in hits if h >= 0]
-                    if hits:
-                        piece = full[len(reply.text):min(hits)]
-                        reply.text += piece
-                        reply.stats.finish_reason = "stop"
-                        if piece:
-                            yield piece
-                        return
-                reply.text += piece
+                text += detok.add(token)
+                piece, stopped = release(final=False)
                 if piece:
                     yield piece
-            tail = detok.finish()
-            reply.text += tail
-            if tail:
-                yield tail
+                if stopped:
+                    return
+            text += detok.finish()
+            piece, _ = release(final=True)
+            if piece:
+                yield piece
         finally:  # also when the consumer stops reading (a client gone)
             tokens.close()
             self._unfed = reply.stats.unfed_token

@@ -52,6 +52,9 @@ class MLXEngine(Engine):
     def kv_lengths(self) -> list[int]:
         return [c.size() for c in self.cache]
 
+    def kept_positions(self) -> list[np.ndarray]:
+        return [np.array(c.positions) for c in self.cache]
+
     def kv_bytes(self) -> int:
         return sum(c.nbytes for c in self.cache)
 

@@ -1,0 +1,98 @@
+"""Accuracy of a model on the shapes task's held-out test questions, p-MoD vs dense.
+
+Each test image gets one question; the answer is generated greedily through the same
+``Session`` that ``pmod generate`` uses and must match exactly. The same weights then run
+with every layer dense (all vision tokens kept, routers unused). The table also gives the
+analytic TFLOPs and KV-cache entries of the p-MoD prompt against dense.
+
+    python scripts/eval_default_model.py [--model DIR] [--n 500] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+from tqdm import tqdm
+
+from pmod import shapes
+from pmod.flops import report
+from pmod.generate import Sampler, SamplerArgs
+from pmod.models import resolve_model
+from pmod.session import Reply, open_session
+
+
+def evaluate(model_dir, samples, dense: bool, backend: str = "mlx", dtype=None, adapter_path=None) -> dict:
+    kwargs = {"dense": True} if dense else {}
+    if adapter_path:
+        kwargs["adapter_path"] = adapter_path
+    session = open_session(model_dir, backend=backend, dtype=dtype, **kwargs)
+    sampler = Sampler(SamplerArgs(temp=0.0))
+    right, total = defaultdict(int), defaultdict(int)
+    prompt_tokens = []
+    t0 = time.perf_counter()
+    for s in tqdm(samples, desc="dense" if dense else "p-MoD", unit="q", file=sys.stderr):
+        qtype, q, a = s.qa[0]
+        session.reset()
+        reply = Reply()
+        for _ in session.ask(q, images=[s.image], max_tokens=8, sampler=sampler, reply=reply):
+            pass
+        total[qtype] += 1
+        right[qtype] += reply.text.strip() == a
+        prompt_tokens.append(reply.stats.prompt_tokens)
+    return {"right": dict(right), "total": dict(total), "seconds": time.perf_counter() - t0,
+            "prompt_tokens": float(np.mean(prompt_tokens)), "config": session.config}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="pmod checkpoint directory (default: the embedded model)")
+    p.add_argument("--adapter-path", help="a LoRA adapter directory to apply")
+    p.add_argument("--n", type=int, default=500, help="test questions (one per image)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="mlx")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--no-dense", action="store_true", help="skip the dense comparison")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    model_dir = resolve_model(args.model)
+    samples = shapes.make_samples(args.split, args.n, seed=args.seed, questions_per_image=1)
+    modes = [("p-MoD", False)] + ([] if args.no_dense else [("dense", True)])
+    results = {name: evaluate(model_dir, samples, dense, args.backend, args.dtype, args.adapter_path)
+               for name, dense in modes}
+    config = results["p-MoD"].pop("config")
+    for r in results.values():
+        r.pop("config", None)
+    n_vision = (config.vision_config["image_size"] // config.vision_config["patch_size"]) ** 2
+    n_text = round(results["p-MoD"]["prompt_tokens"]) - n_vision
+    rep = report(config, n_vision, n_text)
+
+    types = sorted(results["p-MoD"]["total"])
+    head = f"| question type | n | " + " | ".join(f"{name} accuracy" for name, _ in modes) + " |"
+    print(head)
+    print("|" + "---|" * (2 + len(modes)))
+    for t in types + ["all"]:
+        n = sum(results["p-MoD"]["total"].values()) if t == "all" else results["p-MoD"]["total"][t]
+        cells = []
+        for name, _ in modes:
+            r = results[name]
+            right = sum(r["right"].values()) if t == "all" else r["right"].get(t, 0)
+            cells.append(f"{100 * right / n:.1f}%")
+        label = "**all**" if t == "all" else t
+        print(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    print(f"\nprompt: {n_vision} vision + {n_text} text tokens; p-MoD / dense: "
+          f"TFLOPs {100 * rep.flops_ratio:.1f}%, KV-cache entries {100 * rep.kv_ratio:.1f}%")
+    print("time: " + ", ".join(f"{name} {results[name]['seconds']:.0f} s" for name, _ in modes))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "flops": rep.to_dict(), "n": args.n, "split": args.split}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The embedded default model, `pmod demo`, and the training script that makes the model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pmod
+from pmod.cli import main
+from pmod.format import validate
+from pmod.models import DEFAULT_MODEL
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+shipped = pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(),
+                             reason="the embedded model is not in this checkout")
+
+
+@shipped
+def test_shipped_checkpoint_validates_and_is_small():
+    config, found = validate(DEFAULT_MODEL)
+    assert config.is_mod and config.num_hidden_layers >= 12 and config.vision_config is not None
+    assert {dt for _, dt in found.values()} == {"F16"}
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.iterdir())
+    assert size <= 25 * 1024 * 1024
+    assert (config.vision_config["image_size"] // config.vision_config["patch_size"]) ** 2 >= 144
+
+
+@shipped
+def test_shipped_model_answers_held_out_questions():
+    from eval_default_model import evaluate
+    from pmod import shapes
+
+    samples = shapes.make_samples("test", 40, seed=1, questions_per_image=1)
+    r = evaluate(DEFAULT_MODEL, samples, dense=False)
+    assert sum(r["right"].values()) / 40 >= 0.85, r
+
+
+@shipped
+def test_demo_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--questions", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Q: ") == 3 and "TFLOPs" in out and "KV-cache entries" in out
+    png = tmp_path / "pmod-demo-routing.png"
+    assert str(png) in out
+    with Image.open(png) as im:
+        im.verify()
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 3 * im.height  # input + three layer panels
+
+
+@shipped
+def test_commands_default_to_the_embedded_model(capsys):
+    assert main(["generate", "--prompt", "hello", "--max-tokens", "3"]) == 0
+    assert capsys.readouterr().err == ""  # the answer alone on stdout
+
+
+def test_short_training_run_lowers_the_loss(tmp_path):
+    from train_default_model import main as train
+
+    out = tmp_path / "m"
+    assert train(["--out", str(out), "--steps", "24", "--batch-size", "8", "--width", "32",
+                  "--questions-per-image", "3", "--eval-every", "12", "--val-size", "16", "--warmup", "4",
+                  "--learning-rate", "3e-3"]) == 0
+    losses = json.loads((out / "training.json").read_text())["losses"]
+    assert len(losses) == 24 and np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
+    config, _ = validate(out)
+    engine = pmod.open_engine(out, dtype="float32")
+    assert engine.config.vision_config["image_size"] == 96
+    assert train(["--out", str(out), "--steps", "1"]) == 2  # refuses to overwrite
