@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import pmod_mlx  # noqa: F401  (loads the fast BLAS before any test module imports mlx.core)
+
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
