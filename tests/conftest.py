@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import pmod_mlx  # noqa: F401  (loads the fast BLAS before any test module imports mlx.core)
+try:  # torch first: its MKL must bind its own BLAS symbols before OpenBLAS is loaded globally
+    import torch  # noqa: F401
+except ImportError:
+    pass
+import pmod_mlx  # noqa: E402,F401  (loads the fast BLAS before any test module imports mlx.core)
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:

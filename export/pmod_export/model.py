@@ -1,0 +1,99 @@
+"""The p-MoD LLaVA model in torch, loaded from a pmod checkpoint directory.
+
+One set of weights, three exportable views of it: ``embed`` (token ids -> embeddings),
+``vision`` (pixels + packing index -> image tokens) and ``decoder(N)`` (the
+static-capacity decoder for at most ``N`` routed vision tokens; ``N = 0`` is the text /
+decode graph). Weights are read with pmod's validated reader (``pmod.format.validate``)
+and cast to the compute dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import torch_loader  # noqa: F401  (imports torch; before it, see there)
+
+import torch
+import torch.nn as nn
+
+from pmod.config import PmodConfig
+from pmod.errors import PmodError
+from pmod.format import validate
+from pmod.safetensors_io import read_tensors, to_float32
+
+from .decoder import Embed, LanguageModel, StaticDecoder
+from .vision import Projector, VisionEncoder, VisionTower
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str | None) -> torch.dtype:
+    name = name or "float32"
+    if name not in DTYPES:
+        raise PmodError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class PmodTorchModel(nn.Module):
+    def __init__(self, config: PmodConfig):
+        super().__init__()
+        self.config = config
+        self.language_model = LanguageModel(config)
+        if config.vision_config is not None:
+            self.vision_tower = VisionTower(config)
+        if config.mm_projector_type is not None:
+            self.projector = Projector(config)
+            if "unpad" in (config.mm_patch_merge_type or ""):
+                self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
+        self._decoders: dict[tuple[int, int], StaticDecoder] = {}
+
+    @property
+    def has_vision(self) -> bool:
+        return hasattr(self, "vision_tower") and hasattr(self, "projector")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.norm.weight.dtype
+
+    def embed(self) -> Embed:
+        return Embed(self.language_model)
+
+    def vision(self) -> VisionEncoder:
+        if not self.has_vision:
+            raise PmodError("this checkpoint has no vision tower (and projector), so it cannot encode images: "
+                            "re-convert it with 'pmod convert SRC DST --vision-tower CLIP_DIR'")
+        return VisionEncoder(self.vision_tower, self.projector, getattr(self, "image_newline", None))
+
+    def decoder(self, max_vision: int, max_context: int | None = None) -> StaticDecoder:
+        """The static decoder for ``max_vision`` vision slots (built once per size)."""
+        key = (int(max_vision), int(max_context or self.config.max_position_embeddings))
+        if key not in self._decoders:
+            self._decoders[key] = StaticDecoder(self.language_model, *key)
+        return self._decoders[key]
+
+
+def load(path: str | Path, dtype: str | None = None) -> PmodTorchModel:
+    """Validate and load a pmod checkpoint into :class:`PmodTorchModel` (eval mode, no grad).
+
+    The model is built without storage and each tensor is read (memory-mapped), widened
+    by ``pmod.safetensors_io.to_float32`` and cast on its own, so loading holds the model
+    once in ``dtype`` plus one float32 tensor.
+    """
+    target = torch_dtype(dtype)
+    config, found = validate(path)
+    with torch.device("meta"):
+        model = PmodTorchModel(config)
+    by_file: dict[Path, list[str]] = {}
+    for name, (f, _) in found.items():
+        by_file.setdefault(f, []).append(name)
+    state = {}
+    for f, names in by_file.items():
+        raw = read_tensors(f, names)
+        for name in names:
+            state[name] = torch.tensor(to_float32(raw[name], found[name][1]), dtype=target)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:  # validate() guarantees the format's names; this is a pmod bug
+        raise PmodError(f"checkpoint tensors do not fit the torch model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}); report this as a bug")
+    model.eval().requires_grad_(False)
+    return model
