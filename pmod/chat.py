@@ -12,11 +12,11 @@ HELP = "commands: /image PATH (attach to the next message), /reset, /exit"
 
 def run_chat(args, stdin=None, stdout=None, stderr=None) -> None:
     from .image import load_image
-    from .session import open_session
+    from .session import session_from_args
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     sampler = Sampler(SamplerArgs(args.temp, args.top_p, args.seed))
-    session = open_session(args.model, backend=args.backend, dtype=args.dtype)
+    session = session_from_args(args)
     print(f"pmod chat: {args.model} ({args.backend}). {HELP}", file=stderr)
     pending = []
     interactive = stdin.isatty()

@@ -59,6 +59,24 @@ def _cmd_server(args) -> None:
     run_server(args)
 
 
+def _cmd_lora(args) -> None:
+    try:
+        from pmod_mlx.lora import run_lora
+    except ImportError as e:
+        if e.name and e.name.startswith("pmod_mlx."):
+            raise
+        raise PmodError(f"pmod lora needs MLX ({e.name or e} is missing): pip install 'pmod[mlx]'") from None
+    run_lora(args)
+
+
+def _cmd_fuse(args) -> None:
+    from .fuse import fuse
+    from .models import resolve_model
+
+    dst = fuse(resolve_model(args.model), args.adapter_path, args.out, dtype=args.dtype)
+    print(f"wrote {dst}", file=sys.stderr)
+
+
 def _export_module(name: str):
     """A ``pmod_export`` module, or a one-line error saying which extra to install."""
     import importlib
@@ -72,8 +90,10 @@ def _export_module(name: str):
 
 
 def _cmd_export_onnx(args) -> None:
+    from .models import resolve_model
+
     dst = _export_module("onnx_export").export_onnx(
-        args.model, args.out, args.max_vision_tokens, dtype=args.dtype, max_context=args.max_context)
+        resolve_model(args.model), args.out, args.max_vision_tokens, dtype=args.dtype, max_context=args.max_context)
     print(f"wrote {dst}", file=sys.stderr)
 
 
@@ -98,6 +118,51 @@ def _add_sampling(s) -> None:
     s.add_argument("--temp", type=float, default=0.0)
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--adapter-path", default=None,
+                   help="a LoRA adapter directory written by 'pmod lora' (mlx backend; see 'pmod fuse' for others)")
+    s.add_argument("--chat-template", action="store_true",
+                   help="use the checkpoint's own chat template instead of Vicuna v1 (the released models' template)")
+
+
+def _add_lora(s) -> None:
+    from .lora_data import TrainArgs
+
+    d = TrainArgs()
+    s.add_argument("--model", help="base pmod checkpoint directory (default: the embedded model)")
+    s.add_argument("--data", help="a .jsonl file in the LLaVA conversation format (a seeded 10%% is held out "
+                                  "for validation), or a directory with train.jsonl and optional valid.jsonl")
+    s.add_argument("--adapter-path", required=True, help="output directory for the adapter (and --resume)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --adapter-path from its last save (same settings)")
+    s.add_argument("--iters", type=int, help=f"training steps (default {d.iters})")
+    s.add_argument("--batch-size", type=int, help=f"rows per step (default {d.batch_size})")
+    s.add_argument("--learning-rate", type=float,
+                   help=f"peak Adam learning rate after {d.warmup} warm-up steps, cosine decay to 10%% "
+                        f"(default {d.learning_rate})")
+    s.add_argument("--warmup", type=int, help=f"warm-up steps (default {d.warmup})")
+    s.add_argument("--rank", type=int, help=f"LoRA rank (default {d.rank})")
+    s.add_argument("--alpha", type=float, help=f"LoRA alpha; the update is scaled by alpha / rank (default {d.alpha:g})")
+    s.add_argument("--dropout", type=float, help=f"dropout on the LoRA input (default {d.dropout:g})")
+    s.add_argument("--target-modules", help=f"decoder linears to adapt (default {d.target_modules})")
+    s.add_argument("--num-layers", type=int, help="adapt the last N decoder layers (default -1: all)")
+    s.add_argument("--train-routers", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the MoD routers of those layers in full (default: on)")
+    s.add_argument("--train-projector", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the multimodal projector in full (default: off)")
+    s.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute layer activations in the backward pass (less memory, slower)")
+    s.add_argument("--val-batches", type=int,
+                   help=f"validation batches per evaluation, -1 all, 0 none (default {d.val_batches})")
+    s.add_argument("--steps-per-eval", type=int, help=f"steps between validations (default {d.steps_per_eval})")
+    s.add_argument("--save-every", type=int, help=f"steps between saves (default {d.save_every})")
+    s.add_argument("--steps-per-report", type=int, help=f"steps between progress reports (default {d.steps_per_report})")
+    s.add_argument("--seed", type=int, help=f"seed of the LoRA init, data order, split and dropout (default {d.seed})")
+    s.add_argument("--on-bad-row", choices=["fail", "skip"],
+                   help="a bad data row (reported as FILE:LINE) stops the run or is skipped (default fail)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="training dtype of the base weights (default float32)")
+    s.add_argument("--no-progress", action="store_true", help="report lines instead of a progress bar")
+    s.set_defaults(func=_cmd_lora)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,10 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="export a pmod checkpoint to ONNX, lint graphs for TensorRT")
     export = s.add_subparsers(dest="export_command", required=True, parser_class=_Parser)
     e = export.add_parser("onnx", help="write ONNX graphs (vision, prefill, decode, embed) and a manifest")
-    e.add_argument("--model", required=True, help="pmod checkpoint directory")
+    e.add_argument("--model", help="pmod checkpoint directory (default: the embedded model)")
     e.add_argument("--out", required=True, help="output directory (must not exist)")
-    e.add_argument("--max-vision-tokens", type=int, required=True,
-                   help="N: most routed vision tokens a prefill chunk may hold (fixes every MoD capacity)")
+    e.add_argument("--max-vision-tokens", type=int, default=None,
+                   help="N: most routed vision tokens a prefill chunk may hold, fixing every MoD capacity "
+                        "(default: those of the largest single image the model takes)")
     e.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="graph dtype")
     e.add_argument("--max-context", type=int, default=None,
                    help="longest context the graphs serve (default: max_position_embeddings)")
@@ -171,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--questions", type=int, default=4, help="questions about a drawn sample")
     _add_sampling(s)
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("lora", help="LoRA-finetune a model (MLX) on LLaVA conversation JSONL, routers included")
+    _add_lora(s)
+
+    s = sub.add_parser("fuse", help="merge a LoRA adapter into a new pmod checkpoint (loads in every backend)")
+    s.add_argument("--model", help="base pmod checkpoint directory (default: the embedded model)")
+    s.add_argument("--adapter-path", required=True, help="adapter directory written by 'pmod lora'")
+    s.add_argument("--out", required=True, help="output pmod checkpoint directory (must not exist)")
+    s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="weight dtype on disk (default: the base checkpoint's)")
+    s.set_defaults(func=_cmd_fuse)
     return p
 
 

@@ -66,13 +66,13 @@ def routing_picture(pil_image, maps: list[np.ndarray], layers: list[int], ratios
 def run_demo(args, out=None, err=None) -> Path:
     from . import shapes
     from .image import preprocess
-    from .session import Reply, open_session
+    from .session import Reply, session_from_args
 
     out, err = out or sys.stdout, err or sys.stderr
     model_dir = args.model
     if (args.image is None) != (args.prompt is None) and args.image is None:
         raise PmodError("--prompt needs --image (or give neither for a drawn sample)")
-    session = open_session(model_dir, backend=args.backend, dtype=args.dtype)
+    session = session_from_args(args)
     config = session.config
     if config.vision_config is None:
         raise PmodError(f"{model_dir} has no vision tower; the demo needs a multimodal model")

@@ -119,10 +119,16 @@ def open_engine(path, backend: str = "mlx", dtype: str | None = None, **kwargs) 
     """Open a pmod checkpoint directory with the chosen runtime.
 
     ``dense=True`` gives the plain-LLaVA twin on the same weights: every layer runs over
-    every token, routers unused (for p-MoD vs dense comparisons).
+    every token, routers unused (for p-MoD vs dense comparisons). ``adapter_path=DIR`` (mlx)
+    applies a LoRA adapter written by ``pmod lora``; other backends load ``pmod fuse``'s output.
     """
     if backend not in BACKENDS:
         raise PmodError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if kwargs.get("adapter_path") is None:
+        kwargs.pop("adapter_path", None)
+    elif backend != "mlx":
+        raise PmodError(f"the {backend} backend takes no LoRA adapter: merge it first with 'pmod fuse --model "
+                        f"{path} --adapter-path {kwargs['adapter_path']} --out FUSED' and open FUSED")
     target, extra = BACKENDS[backend]
     module_name, factory = target.split(":")
     try:

@@ -143,12 +143,12 @@ def print_stats(stats: GenerationStats, file=None) -> None:
 
 
 def run_generate(args) -> None:
-    from .session import Reply, open_session
+    from .session import Reply, session_from_args
 
     if args.max_tokens < 1:
         raise PmodError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     sampler = Sampler(SamplerArgs(args.temp, args.top_p, args.seed))
-    session = open_session(args.model, backend=args.backend, dtype=args.dtype)
+    session = session_from_args(args)
     reply = Reply()
     for piece in session.ask(args.prompt, images=args.image or [], max_tokens=args.max_tokens,
                              sampler=sampler, reply=reply):

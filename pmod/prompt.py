@@ -68,6 +68,32 @@ def render(messages: list[Message], system: str = SYSTEM) -> str:
     return out
 
 
+def render_chat_template(tokenizer, messages: list[Message], system: str | None = None) -> str:
+    """Render with the checkpoint's own chat template (``--chat-template``), images as ``<image>``.
+
+    Images become ``{"type": "image"}`` content parts in front of the text, which the
+    llava-hf templates write as ``<image>``; the text is then tokenized like any prompt.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise PmodError("the checkpoint has no chat template (chat_template.jinja / tokenizer_config.json); "
+                        "drop --chat-template to use the Vicuna v1 template")
+    chat = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    for m in messages:
+        if m.role not in ROLES:
+            raise PmodError(f"unknown role {m.role!r}: use one of {', '.join(ROLES)}")
+        text = m.text
+        markers = text.count(IMAGE)
+        if markers and markers != m.n_images:
+            raise PmodError(f"the message has {markers} <image> marker(s) but {m.n_images} image(s): "
+                            "give one image per marker")
+        parts = [] if markers else [{"type": "image"}] * m.n_images
+        chat.append({"role": m.role, "content": parts + [{"type": "text", "text": text}]})
+    try:
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template that cannot render these messages
+        raise PmodError(f"the checkpoint's chat template failed: {type(e).__name__}: {e}".split("\n")[0]) from None
+
+
 def render_dialogue(messages: list[Message], system: str = SYSTEM) -> tuple[str, list[tuple[int, int]]]:
     """A conversation whose assistant replies are included, and the replies' character spans.
 

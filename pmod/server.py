@@ -789,7 +789,8 @@ def model_id_of(model_dir) -> str:
 def make_server(model_dir, host: str = DEFAULT_HOST, port: int = 0, backend: str = "mlx",
                 dtype: str | None = None, *, max_tokens: int = 256, temp: float = 0.0, top_p: float = 1.0,
                 seed: int | None = None, max_body: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE,
-                session=None, log=None, start: bool = True) -> tuple[ChatServer, threading.Thread | None]:
+                session=None, log=None, start: bool = True, adapter_path=None, chat_template: bool = False
+                ) -> tuple[ChatServer, threading.Thread | None]:
     """Open the model and bind ``host:port`` (0 picks a free port); serve in a daemon thread.
 
     Returns ``(httpd, thread)``; ``httpd.url`` is the base URL, ``httpd.close()`` stops it.
@@ -813,7 +814,8 @@ def make_server(model_dir, host: str = DEFAULT_HOST, port: int = 0, backend: str
             return session()
         from .session import open_session
 
-        return open_session(model_dir, backend=backend, dtype=dtype)
+        kwargs = {"adapter_path": adapter_path} if adapter_path else {}
+        return open_session(model_dir, backend=backend, dtype=dtype, chat_template=chat_template, **kwargs)
 
     sess = _Compute.get().call(open_it)
     cls = _ChatServer6 if ":" in host else ChatServer
@@ -852,4 +854,5 @@ def run_server(args) -> None:
     serve(args.model, host=getattr(args, "host", DEFAULT_HOST), port=getattr(args, "port", DEFAULT_PORT),
           backend=getattr(args, "backend", "mlx"), dtype=getattr(args, "dtype", None),
           max_tokens=getattr(args, "max_tokens", 256), temp=getattr(args, "temp", 0.0),
-          top_p=getattr(args, "top_p", 1.0), seed=getattr(args, "seed", None))
+          top_p=getattr(args, "top_p", 1.0), seed=getattr(args, "seed", None),
+          adapter_path=getattr(args, "adapter_path", None), chat_template=getattr(args, "chat_template", False))

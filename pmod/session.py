@@ -25,8 +25,12 @@ class Reply:
 
 
 class Session:
-    def __init__(self, engine: Engine, model_dir: str | Path, tokenizer=None):
+    def __init__(self, engine: Engine, model_dir: str | Path, tokenizer=None, chat_template: bool = False):
+        """``chat_template``: render prompts with the checkpoint's own chat template instead of
+        Vicuna v1; a chat then re-reads the whole conversation each turn (the template's
+        turn boundaries are not known to pmod, so no cached prefix is assumed)."""
         self.engine = engine
+        self.chat_template = chat_template
         self.config = engine.config
         self.model_dir = Path(model_dir)
         self.tokenizer = tokenizer or load_tokenizer(model_dir)
@@ -35,13 +39,20 @@ class Session:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
         self.turns = 0
+        self.history: list[tuple[prompt.Message, list]] = []  # (message, its images), --chat-template only
         self.image_positions: list[np.ndarray] = []
         self._unfed: int | None = None  # the last reply's final token, when not yet in the context
 
     def reset(self) -> None:
         self.engine.reset()
         self.turns = 0
+        self.history = []
         self._unfed = None
+
+    def render(self, messages: list[prompt.Message], system: str | None = None) -> str:
+        if self.chat_template:
+            return prompt.render_chat_template(self.tokenizer, messages, system)
+        return prompt.render(messages, system=prompt.SYSTEM if system is None else system)
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -86,6 +97,8 @@ class Session:
     def ask(self, text: str, images=(), **kwargs) -> Iterator[str]:
         """Stream the reply to one more user message; earlier turns stay in the caches."""
         message = prompt.Message("user", text, len(images))
+        if self.chat_template:
+            return self._ask_templated(message, list(images), **kwargs)
         if self.turns == 0:
             turn = prompt.SYSTEM + prompt.SEP + prompt.user_turn(message)
         else:  # the last reply's </s> was sampled, not fed: it opens this turn
@@ -95,6 +108,19 @@ class Session:
             inputs = self._prepend(self._unfed, inputs)
         self.turns += 1
         return self._stream(inputs, **kwargs)
+
+    def _ask_templated(self, message: prompt.Message, images: list, reply: Reply | None = None,
+                       **kwargs) -> Iterator[str]:
+        history = self.history + [(message, images)]
+        messages = [m for m, _ in history]
+        all_images = [img for _, imgs in history for img in imgs]
+        self.engine.reset()
+        self._unfed = None
+        inputs = self.encode(self.render(messages), all_images)
+        reply = reply if reply is not None else Reply()
+        yield from self._stream(inputs, reply=reply, **kwargs)
+        self.turns += 1
+        self.history = history + [(prompt.Message("assistant", reply.text), [])]
 
     def _prepend(self, token: int, inputs: dict) -> dict:
         ids = np.asarray([token], np.int32)
@@ -107,7 +133,7 @@ class Session:
                  **kwargs) -> Iterator[str]:
         """Stream the reply to a whole conversation, from an empty context."""
         self.reset()
-        inputs = self.encode(prompt.render(messages, system=prompt.SYSTEM if system is None else system), images)
+        inputs = self.encode(self.render(messages, system), images)
         self.turns = 1
         return self._stream(inputs, **kwargs)
 
@@ -154,8 +180,19 @@ class Session:
             self._unfed = reply.stats.unfed_token
 
 
-def open_session(model_dir, backend: str = "mlx", dtype: str | None = None, **kwargs) -> Session:
+def open_session(model_dir, backend: str = "mlx", dtype: str | None = None, chat_template: bool = False,
+                 **kwargs) -> Session:
     from . import open_engine
 
     tokenizer = load_tokenizer(model_dir)  # checked before the (slower) weights load
-    return Session(open_engine(model_dir, backend=backend, dtype=dtype, **kwargs), model_dir, tokenizer)
+    return Session(open_engine(model_dir, backend=backend, dtype=dtype, **kwargs), model_dir, tokenizer,
+                   chat_template=chat_template)
+
+
+def session_from_args(args) -> Session:
+    """The session a command's flags ask for (``--model --backend --dtype --adapter-path --chat-template``)."""
+    kwargs = {}
+    if getattr(args, "adapter_path", None):
+        kwargs["adapter_path"] = args.adapter_path
+    return open_session(args.model, backend=args.backend, dtype=args.dtype,
+                        chat_template=getattr(args, "chat_template", False), **kwargs)

@@ -11,8 +11,8 @@ from .loader import load
 
 
 class MLXEngine(Engine):
-    def __init__(self, path, dtype: str | None = None, dense: bool = False):
-        self.model = load(path, dtype)
+    def __init__(self, path, dtype: str | None = None, dense: bool = False, adapter_path=None):
+        self.model = load(path, dtype, adapter_path=adapter_path)
         self.dense = dense  # run every layer over every token: the plain-LLaVA twin
         self.config = self.model.config
         self.dtype = self.model.language_model.norm.weight.dtype

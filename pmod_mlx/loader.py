@@ -20,8 +20,12 @@ def default_dtype() -> str:
     return "float16" if mx.metal.is_available() else "float32"
 
 
-def load(path: str | Path, dtype: str | None = None) -> Model:
-    """Validate and load a pmod checkpoint; ``dtype`` casts every weight (default per device)."""
+def load(path: str | Path, dtype: str | None = None, adapter_path: str | Path | None = None) -> Model:
+    """Validate and load a pmod checkpoint; ``dtype`` casts every weight (default per device).
+
+    ``adapter_path``: a LoRA adapter directory (``pmod lora``), merged into the weights as
+    ``pmod fuse`` would (in float32, before the cast).
+    """
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
         raise PmodError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -32,9 +36,23 @@ def load(path: str | Path, dtype: str | None = None) -> Model:
             weights.update(mx.load(str(f)))
         except (RuntimeError, ValueError) as e:
             raise PmodError(f"{f}: cannot be read by MLX ({e}); re-copy or re-convert the checkpoint") from None
+    if adapter_path is not None:
+        weights.update(_merged_adapter(adapter_path, config, weights))
     model = Model(config)
     weights = sanitize(weights)
     target = DTYPES[dtype]
     model.load_weights([(k, v.astype(target)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
     return model
+
+
+def _merged_adapter(adapter_path, config, weights: dict) -> dict:
+    import numpy as np
+
+    from pmod.format import expected_tensors
+    from pmod.fuse import merged_tensors, read_adapter
+
+    cfg, tensors = read_adapter(adapter_path)
+    merged = merged_tensors(cfg, tensors, lambda n: np.array(weights[n].astype(mx.float32)),
+                            expected_tensors(config))
+    return {n: mx.array(v) for n, v in merged.items()}

@@ -104,3 +104,33 @@ def test_pmod_next_image_to_logits_matches_reference(tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert session.engine.kv_lengths() == ref.kv_lengths()
     assert min(ref.kv_lengths()) < max(ref.kv_lengths())  # MoD layers really dropped tokens
+
+
+def test_checkpoint_chat_template(tmp_path):
+    """--chat-template: the llava-hf checkpoint's own template, as its processor renders it."""
+    import torch
+    from transformers import AutoProcessor
+
+    from pmod.generate import Sampler, SamplerArgs
+    from pmod.prompt import Message
+    from pmod.session import Reply
+
+    src = make_hf_llava(tmp_path / "hf", kind="next", seed=2)
+    dst = convert_checkpoint(src, tmp_path / "pmod", dtype="float32")
+    image = _image(37, 52, seed=3)
+    processor = AutoProcessor.from_pretrained(str(src))
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    assert "<image>" in text and "A chat between" not in text  # the checkpoint's template, not Vicuna's
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    with torch.no_grad():
+        expected = load_hf_llava(src)(**inputs).logits[0, -1].double().numpy()
+
+    session = open_session(dst, dtype="float32", chat_template=True)
+    assert session.render([Message("user", QUESTION, 1)]) == text
+    reply = Reply()
+    list(session.ask(QUESTION, images=[image], max_tokens=1, sampler=Sampler(SamplerArgs()), reply=reply))
+    assert reply.stats.prompt_tokens == inputs["input_ids"].shape[1]
+    session.engine.reset()
+    got = session.engine.prefill(**session.encode(text, images=[image]))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
