@@ -106,6 +106,14 @@ def _cmd_export_lint(args) -> None:
     print(f"{args.path}: no TensorRT-compatibility problems", file=sys.stderr)
 
 
+def _cmd_trt_build(args) -> None:
+    from pmod_trt.build import build_engines
+
+    dst = build_engines(args.onnx, args.out, precision=args.precision, workspace_gb=args.workspace,
+                        timing_cache=args.timing_cache, progress=not args.no_progress)
+    print(f"wrote {dst}", file=sys.stderr)
+
+
 def _add_sampling(s) -> None:
     from .engine import BACKENDS
 
@@ -220,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     e = export.add_parser("lint", help="TensorRT-compatibility lint of an export directory or .onnx file")
     e.add_argument("path", help="export directory or .onnx file")
     e.set_defaults(func=_cmd_export_lint)
+
+    s = sub.add_parser("trt", help="build TensorRT engines from an ONNX export (needs an NVIDIA GPU and TensorRT)")
+    trt = s.add_subparsers(dest="trt_command", required=True, parser_class=_Parser)
+    e = trt.add_parser("build", help="build one engine per exported graph, with profiles from its manifest")
+    e.add_argument("--onnx", required=True, help="ONNX export directory written by 'pmod export onnx'")
+    e.add_argument("--out", required=True, help="output engine directory (must not exist)")
+    e.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="fp32 (a float32 export), fp16 (a float16 export, strongly typed), bf16 (a float32 "
+                        "export, TensorRT 10, compute capability 8.0+); default fp32")
+    e.add_argument("--workspace", type=float, default=None, metavar="GB",
+                   help="builder workspace memory limit in GiB (default: TensorRT's)")
+    e.add_argument("--timing-cache", default=None, metavar="FILE",
+                   help="start from this timing cache when it exists, and update it (one is always written to --out)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_trt_build)
 
     s = sub.add_parser("server", help="local OpenAI-compatible server (/v1/chat/completions)")
     s.add_argument("--model", help="pmod checkpoint directory (default: the embedded model)")

@@ -22,6 +22,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "mlx": ("pmod_mlx.engine:MLXEngine", "mlx"),
     "torch": ("pmod_export.torch_engine:TorchEngine", "export"),
     "onnx": ("pmod_export.ort_engine:OrtEngine", "export"),
+    "trt": ("pmod_trt.engine:TrtEngine", "trt"),
 }
 
 

@@ -268,3 +268,18 @@ def test_commands_lora_generate_fuse(vlm, tmp_path, capsys):
     assert capsys.readouterr().out == with_adapter
     assert main(["fuse", "--model", str(path), "--adapter-path", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_bad_rows_from_the_command_line(vlm, tmp_path, capsys):
+    path, data = vlm
+    bad = data.parent / "with-bad.jsonl"
+    lines = data.read_text().splitlines()
+    bad.write_text("\n".join(lines[:3] + ['{"conversations": [{"from": "robot", "value": "x"}]}'] + lines[3:]) + "\n")
+    cmd = ["lora", "--model", str(path), "--data", str(bad), "--iters", "1", "--val-batches", "0", "--no-progress"]
+    assert main(cmd + ["--adapter-path", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:4: turn 1: unknown role 'robot'" in err and "--on-bad-row skip" in err
+    assert not (tmp_path / "a").exists()
+    assert main(cmd + ["--adapter-path", str(tmp_path / "b"), "--on-bad-row", "skip"]) == 0
+    err = capsys.readouterr().err
+    assert f"{bad}:4: turn 1: unknown role 'robot'" in err and "1 bad rows skipped" in err

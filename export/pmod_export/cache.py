@@ -4,7 +4,7 @@ Layer ``l`` keeps keys and values ``[capacity, n_kv, D]`` and positions ``[capac
 (int32), sequence-major so the live prefix ``[:length]`` is one contiguous block: it is
 passed to a graph as ``past_*`` ``[1, length, ...]`` without a copy, and the graph's
 ``new_*`` outputs (``S_l`` slots) are written right after it. The layer's length then
-grows by its live count only (``pmod_export.chunk.live_lengths``), so the dead tail of a
+grows by its live count only (``pmod.chunk.live_lengths``), so the dead tail of a
 chunk is overwritten by the next one and the cache holds only kept tokens. MoD layers
 hold fewer entries than dense ones, as in the dynamic runtime.
 

@@ -6,7 +6,7 @@ The dynamic model (``pmod_mlx.language``) gives a MoD layer ``T - n + k`` tokens
 ``n`` (vision tokens in the chunk) is data. A TensorRT engine needs shapes that follow
 from input *shapes* only, so this form fixes them with a declared maximum ``N``:
 
-* A chunk arrives already split (``pmod_export.chunk``) into a **text stream** (the
+* A chunk arrives already split (``pmod.chunk``) into a **text stream** (the
   ``Tt`` tokens MoD layers never route, a dynamic dimension) and a **vision stream** of
   exactly ``N`` slots, the first ``n`` real (in prompt order), the rest padding.
   Positions come with each stream, so slot order never matters: attention is causal by

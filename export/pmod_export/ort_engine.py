@@ -23,7 +23,7 @@ from pmod.engine import Engine, _normalize_inputs
 from pmod.errors import PmodError
 
 from .cache import KVCache
-from .chunk import live_lengths, split_chunk
+from pmod.chunk import live_lengths, split_chunk
 from .manifest import MANIFEST, check_io, read_manifest
 from .onnx_export import kv_names
 

@@ -17,7 +17,7 @@ from pmod.engine import Engine, _normalize_inputs
 from pmod.errors import PmodError
 
 from .cache import KVCache
-from .chunk import live_lengths, split_chunk
+from pmod.chunk import live_lengths, split_chunk
 from .model import load
 
 # numpy has no bfloat16: its KV entries are kept as raw 16-bit words and viewed by torch.

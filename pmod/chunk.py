@@ -4,7 +4,8 @@ The engine API takes a chunk as embeddings ``[T, H]`` plus a ``vision_mask`` ``[
 static graphs take it as a text stream (the unrouted tokens, any count) and a vision
 stream of exactly ``N`` slots (``n`` real, then padding), each with its RoPE positions:
 the number of text tokens ``T - n`` is data, so the graph could not derive it from shapes
-(see ``pmod_export.decoder``). This split is pure bookkeeping (two gathers).
+(see ``pmod_export.decoder``). This split is pure bookkeeping (two gathers), shared by the
+static-shape runtimes (ONNX Runtime, torch, TensorRT).
 """
 
 from __future__ import annotations
@@ -41,18 +42,18 @@ class Chunk:
 
 
 def split_chunk(embeds: np.ndarray, mask: np.ndarray, start: int, max_vision: int,
-                flag: str = "--max-vision-tokens") -> Chunk:
+                flag: str = "--max-vision-tokens", then: str = "") -> Chunk:
     """Split ``embeds`` ``[T, H]`` by ``mask`` into the streams for a graph with ``max_vision`` slots.
 
     A chunk without vision tokens gives a text chunk (``vision_embeds`` None). More than
-    ``max_vision`` vision tokens is an error naming ``flag``.
+    ``max_vision`` vision tokens is an error naming ``flag`` (and ``then``, what else to redo).
     """
     mask = np.asarray(mask, dtype=bool)
     T, H = embeds.shape
     n = int(mask.sum())
     if n > max_vision:
         raise PmodError(f"the chunk has {n} routed vision tokens but the model was exported for at most "
-                        f"{max_vision}: re-export with {flag} {n} or more")
+                        f"{max_vision}: re-export with {flag} {n} or more{then}")
     positions = np.arange(start, start + T, dtype=np.int32)
     text = ~mask
     chunk = Chunk(embeds[text][None], positions[text][None], None, None, n, T)
