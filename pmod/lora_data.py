@@ -339,6 +339,8 @@ def eval_batches(rows: list, batch_size: int, limit: int = -1) -> list:
 TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+#: targets outside the decoder layers (not adapted by default): short name -> module path in the model
+MODEL_TARGETS = {"lm_head": "language_model.lm_head"}
 
 
 @dataclass
@@ -380,9 +382,9 @@ def parse_targets(targets) -> list[str]:
     by_path = {v: k for k, v in TARGETS.items()}
     by_leaf = {v.split(".")[1]: k for k, v in TARGETS.items()}
     for t in targets:
-        short = t if t in TARGETS else by_path.get(t, by_leaf.get(t))
+        short = t if t in TARGETS or t in MODEL_TARGETS else by_path.get(t, by_leaf.get(t))
         if short is None:
-            raise PmodError(f"unknown target module {t!r}: choose from {', '.join(TARGETS)} "
+            raise PmodError(f"unknown target module {t!r}: choose from {', '.join([*TARGETS, *MODEL_TARGETS])} "
                             "(or their names q_proj, ..., down_proj)")
         if short not in out:
             out.append(short)

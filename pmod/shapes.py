@@ -369,6 +369,28 @@ def _gradient(background: tuple, size: int) -> Image.Image:
     return Image.fromarray((a + (b - a) * d[..., None] + 0.5).astype(np.uint8), "RGB")
 
 
+def _draw(draw: ImageDraw.ImageDraw, o: Obj, scale: float, fill) -> None:
+    spec = _SHAPE_SPECS.get(o.shape)
+    cx, cy, s = o.cx * scale, o.cy * scale, o.size * scale
+    if spec is None or spec.outline is None:
+        r = s / 2
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        return
+    th = math.radians(o.angle)
+    c, si = math.cos(th), math.sin(th)
+    draw.polygon([(cx + x * c - y * si, cy + x * si + y * c) for x, y in spec.outline(s)], fill=fill)
+
+
+def label_map(scene: Scene) -> np.ndarray:
+    """``[size, size]`` uint8: at each pixel the index + 1 of the object drawn there, 0 on
+    the background (the scene's ground truth per pixel, e.g. for dense auxiliary labels)."""
+    img = Image.new("L", (scene.size, scene.size), 0)
+    draw = ImageDraw.Draw(img)
+    for i, o in enumerate(scene.objects):
+        _draw(draw, o, 1, i + 1)
+    return np.asarray(img)
+
+
 def render(scene: Scene, rng: Optional[np.random.Generator] = None, noise: float = 6.0
            ) -> Image.Image:
     """The scene as an RGB image: background, anti-aliased shapes (drawn at 2x and
@@ -379,16 +401,7 @@ def render(scene: Scene, rng: Optional[np.random.Generator] = None, noise: float
     img = img.resize((scene.size * ss, scene.size * ss), Image.BILINEAR)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        spec = _SHAPE_SPECS.get(o.shape)
-        cx, cy, s = o.cx * ss, o.cy * ss, o.size * ss
-        if spec is None or spec.outline is None:
-            r = s / 2
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=o.rgb)
-            continue
-        th = math.radians(o.angle)
-        c, si = math.cos(th), math.sin(th)
-        pts = [(cx + x * c - y * si, cy + x * si + y * c) for x, y in spec.outline(s)]
-        draw.polygon(pts, fill=o.rgb)
+        _draw(draw, o, ss, o.rgb)
     img = img.reduce(ss)
     if rng is None or noise <= 0:
         return img

@@ -129,6 +129,17 @@ def blas_info() -> dict:
     return info
 
 
+def set_threads(n: int) -> bool:
+    """Set the loaded BLAS's thread count (e.g. one per process when several processes
+    share the cores); False when there is no loaded BLAS that can be told."""
+    lib = _keep[-1] if (load_fast_blas().get("loaded") and _keep) else None
+    for sym in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
+        if lib is not None and hasattr(lib, sym):
+            getattr(lib, sym)(ctypes.c_int(int(n)))
+            return True
+    return False
+
+
 def mlx_sgemm_provider() -> str | None:
     """Real path of the library that MLX's own ``cblas_sgemm`` call is bound to.
 

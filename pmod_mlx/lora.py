@@ -7,7 +7,9 @@ starts equal to the base). With ``train_routers`` the MoD routers of those layer
 trained in full, as in the paper: a router has one output, and its gradient flows through
 the TanhNorm weight ``w`` that scales kept and skipped vision tokens (the top-k selection
 itself passes none). ``train_projector`` trains the multimodal projector in full too.
-Everything else is frozen: it is not a trainable parameter at all.
+Everything else is frozen: it is not a trainable parameter at all. On a quantized
+checkpoint (QLoRA) the adapted base linears are ``nn.QuantizedLinear`` and stay as they
+are; ``pmod fuse`` merges into the dequantized weights and quantizes them again.
 
 A run writes its adapter directory (see ``pmod.fuse``): ``adapters.safetensors`` and
 ``adapter_config.json``, plus ``training_state.safetensors`` (the trainable weights and
@@ -34,9 +36,11 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from pmod.errors import PmodError
 from pmod.fuse import ADAPTER_FILE, ADAPTER_FORMAT, ADAPTER_VERSION, CONFIG_FILE, read_adapter_config
-from pmod.lora_data import TARGETS, LoraSettings, TrainArgs, learning_rate, resolve_args
+from pmod.lora_data import MODEL_TARGETS, TARGETS, LoraSettings, TrainArgs, learning_rate, resolve_args
 
 STATE_FILE = "training_state.safetensors"
+
+
 def _get(module, path: str):
     for part in path.split("."):
         module = module[part] if isinstance(module, dict) else getattr(module, part)
@@ -46,6 +50,11 @@ def _get(module, path: str):
 def _set(module, path: str, value) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(_get(module, parent) if parent else module, leaf, value)
+
+
+#: Base layers LoRA adapts: a quantized one (a quantized checkpoint: QLoRA) stays frozen as
+#: it is, and mlx-lm's LoRALinear reads its input size from the packed weight.
+_LINEARS = (nn.Linear, nn.QuantizedLinear)
 
 
 def apply_lora(model, settings: LoraSettings) -> list[int]:
@@ -59,17 +68,30 @@ def apply_lora(model, settings: LoraSettings) -> list[int]:
     for i in idx:
         layer = layers[i]
         for t in settings.target_modules:
+            if t in MODEL_TARGETS:
+                continue
             path = TARGETS[t]
             base = _get(layer, path)
-            if not isinstance(base, nn.Linear):
+            if not isinstance(base, _LINEARS):
                 raise PmodError(f"layer {i} {path} is a {type(base).__name__}, not a linear layer")
             _set(layer, path, LoRALinear.from_base(base, r=settings.rank, dropout=settings.dropout,
                                                    scale=settings.scale))
         if settings.train_routers and "router" in layer:
             layer.router.unfreeze()
+    for t in settings.target_modules:
+        if t in MODEL_TARGETS:
+            parent, _, leaf = MODEL_TARGETS[t].rpartition(".")
+            base = _get(model, parent)[leaf] if leaf in _get(model, parent) else None
+            if not isinstance(base, _LINEARS):
+                raise PmodError(f"--target-modules {t}: the model has no separate {t} (tied embeddings?)")
+            _set(model, MODEL_TARGETS[t], LoRALinear.from_base(base, r=settings.rank, dropout=settings.dropout,
+                                                               scale=settings.scale))
     if settings.train_projector:
         if "projector" not in model:
             raise PmodError("--train-projector: the model has no multimodal projector")
+        if any(isinstance(m, nn.QuantizedLinear) for m in model.projector.children().values()):
+            raise PmodError("--train-projector: the projector is quantized, so it cannot be trained in full; "
+                            "train it on a float checkpoint (or leave it frozen)")
         model.projector.unfreeze()
     return idx
 
@@ -111,6 +133,10 @@ def fuse_model(model) -> None:
             m = _get(layer, path)
             if isinstance(m, LoRALinear):
                 _set(layer, path, m.fuse())
+    for path in MODEL_TARGETS.values():
+        parent, _, leaf = path.rpartition(".")
+        if leaf in _get(model, parent) and isinstance(_get(model, path), LoRALinear):
+            _set(model, path, _get(model, path).fuse())
 
 
 def adapter_config(model, settings: LoraSettings, base_model="", step: int = 0, extra: dict | None = None) -> dict:

@@ -98,25 +98,32 @@ def collate(examples: list[Example], token_type: str = "vision_hr", pad_id: int 
     )
 
 
-def input_embeddings(model, batch: Batch) -> mx.array:
-    """Token embeddings with the packed image features written at the image positions."""
+def input_embeddings(model, batch: Batch, features: mx.array | None = None) -> mx.array:
+    """Token embeddings with the packed image features written at the image positions;
+    ``features`` are the projected tile features ``[n_tiles, P*P, H]`` when the caller has
+    them already (default: ``model.encode_images`` of the batch's pixels)."""
     lm = model.language_model
     x = lm.embed_tokens(batch.ids)
     if batch.pixel_values is None:
         return x
-    feats = model.encode_images(batch.pixel_values.astype(x.dtype))
-    rows = [feats.reshape(-1, feats.shape[-1])]
+    feats = model.encode_images(batch.pixel_values.astype(x.dtype)) if features is None else features
+    rows = [feats.reshape(-1, feats.shape[-1]).astype(x.dtype)]
     if "image_newline" in model:
         rows.append(model.image_newline[None].astype(x.dtype))
     packed = mx.concatenate(rows)[batch.image_rows]  # [B, n_img, H]
     return mx.put_along_axis(x, batch.image_pos[..., None], packed, axis=1)
 
 
+def answer_loss(logits: mx.array, batch: Batch) -> mx.array:
+    """Mean cross-entropy over the assistant tokens."""
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), batch.targets, reduction="none")
+    return (ce * batch.weights).sum() / mx.maximum(batch.weights.sum(), 1.0)
+
+
 def loss_fn(model, batch: Batch) -> mx.array:
     """Mean cross-entropy over the assistant tokens."""
     logits = model.language_model(inputs_embeds=input_embeddings(model, batch), vision_mask=batch.vision_mask)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), batch.targets, reduction="none")
-    return (ce * batch.weights).sum() / mx.maximum(batch.weights.sum(), 1.0)
+    return answer_loss(logits, batch)
 
 
 def answer_accuracy(model, batch: Batch) -> tuple[int, int]:

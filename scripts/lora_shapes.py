@@ -4,8 +4,8 @@ The embedded model was trained on the shapes task's six colours. This script bui
 finetuning set with ``pmod.shapes`` in the LLaVA conversation format (JSONL + PNGs) for a
 task it cannot do:
 
-- ``colours`` (default): three new colour names (pink, cyan, brown: ``shapes.EXTRA_COLOURS``)
-  in scenes mixed with the old ones, every question type;
+- ``colours`` (default): three new colour names (pink, cyan, brown: ``shapes.EXTRA_COLOURS``),
+  in scenes of the new colours only and scenes mixed with the old ones, every question type;
 - ``relation``: the new question type "is the X left or right of the Y?" (``EXTRA_QUESTION_TYPES``);
 
 plus a share of rows of the original task (replay). It then runs ``pmod lora`` with its
@@ -44,14 +44,30 @@ def task_subsets(task: str) -> dict:
     questions, and a broader held-out check of it."""
     if task == "colours":
         mixed = dict(colours=list(shapes.COLOURS) + list(NEW_COLOURS))
-        return {"train": mixed,
-                "eval": [("new colours: colour questions", dict(colours=list(NEW_COLOURS), types=("colour",))),
-                         ("new + old colours: all question types", mixed)]}
+        only_new = dict(colours=list(NEW_COLOURS))
+        return {"train": [(0.6, only_new), (0.4, mixed)],
+                "eval": [("new colours: colour questions", "colour", only_new),
+                         ("new + old colours: all question types", None, mixed)]}
     if task == "relation":
         types = tuple(shapes.QUESTION_TYPES) + tuple(shapes.EXTRA_QUESTION_TYPES)
-        return {"train": dict(types=types),
-                "eval": [("relation questions", dict(types=("relation",), min_objects=2))]}
+        return {"train": [(1.0, dict(types=types))],
+                "eval": [("relation questions", "relation", dict(min_objects=2))]}
     raise SystemExit(f"lora_shapes: unknown task {task!r}")
+
+
+def held_out(n: int, seed: int, qtype: str | None, **subset) -> list:
+    """``n`` test samples, one question each; with ``qtype`` only scenes that have a question of
+    that type (asked with the other types offered too, so no scene is rejected by the sampler)."""
+    if qtype is None:
+        return shapes.make_samples("lora-test", n, seed=seed, questions_per_image=1, **subset)
+    types = tuple(dict.fromkeys((qtype,) + tuple(shapes.QUESTION_TYPES)))
+    out = []
+    for s in shapes.iter_samples("lora-test", seed=seed, questions_per_image=len(types), types=types, **subset):
+        qa = [q for q in s.qa if q[0] == qtype]
+        if qa:
+            out.append(shapes.Sample(s.image, qa[:1], s.scene))
+        if len(out) == n:
+            return out
 
 
 def conversation(qa) -> list:
@@ -61,15 +77,21 @@ def conversation(qa) -> list:
     return conv
 
 
-def write_split(directory: Path, name: str, split: str, n: int, seed: int, qpi: int, replay: float, subset: dict) -> int:
-    """``name``: ``n`` rows, a ``replay`` share of them from the original task."""
+def write_split(directory: Path, name: str, split: str, n: int, seed: int, qpi: int, replay: float,
+                mix: list) -> int:
+    """``name``: ``n`` rows, a ``replay`` share from the original task, the rest from ``mix``
+    (``[(share, iter_samples subset), ...]``)."""
     img_dir = directory / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     n_replay = int(round(n * replay))
-    new = shapes.iter_samples(f"lora-{split}", seed=seed, questions_per_image=qpi, **subset)
-    old = shapes.iter_samples(f"lora-{split}-replay", seed=seed, questions_per_image=qpi)
+    total = sum(share for share, _ in mix)
+    counts = [int(round((n - n_replay) * share / total)) for share, _ in mix]
+    parts = [itertools.islice(shapes.iter_samples(f"lora-{split}-{k}", seed=seed, questions_per_image=qpi, **sub), c)
+             for k, (c, (_, sub)) in enumerate(zip(counts, mix))]
+    parts.append(itertools.islice(shapes.iter_samples(f"lora-{split}-replay", seed=seed, questions_per_image=qpi),
+                                  n_replay))
     rows = []
-    for i, s in enumerate(itertools.chain(itertools.islice(new, n - n_replay), itertools.islice(old, n_replay))):
+    for i, s in enumerate(itertools.chain(*parts)):
         rel = f"images/{split}-{i:05d}.png"
         s.image.save(directory / rel)
         rows.append(json.dumps({"id": f"{split}-{i}", "image": rel, "conversations": conversation(s.qa)}))
@@ -119,8 +141,7 @@ def main(argv=None) -> int:
     if args.data_only:
         return 0
 
-    sets = [(name, shapes.make_samples("lora-test", args.eval_n, seed=args.seed, questions_per_image=1, **kw))
-            for name, kw in sub["eval"]]
+    sets = [(name, held_out(args.eval_n, args.seed, qtype, **kw)) for name, qtype, kw in sub["eval"]]
     sets.append(("original test set (all types)", shapes.make_samples("test", args.orig_n, seed=0,
                                                                        questions_per_image=1)))
     before = {}
@@ -130,6 +151,7 @@ def main(argv=None) -> int:
             before[name] = evaluate(model, samples, dense=False, dtype="float32")
     t_eval_before = time.perf_counter() - t0
 
+    import pmod_mlx  # noqa: F401  (its fast BLAS must load before mlx.core)
     import mlx.core as mx
 
     from pmod.cli import main as pmod_main

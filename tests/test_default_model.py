@@ -65,12 +65,30 @@ def test_short_training_run_lowers_the_loss(tmp_path):
     from train_default_model import main as train
 
     out = tmp_path / "m"
-    assert train(["--out", str(out), "--steps", "24", "--batch-size", "8", "--width", "32",
-                  "--questions-per-image", "3", "--eval-every", "12", "--val-size", "16", "--warmup", "4",
-                  "--learning-rate", "3e-3"]) == 0
-    losses = json.loads((out / "training.json").read_text())["losses"]
-    assert len(losses) == 24 and np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
+    assert train(["--out", str(out), "--vision-steps", "16", "--vision-batch-size", "8", "--steps", "24",
+                  "--batch-size", "8", "--width", "32", "--questions-per-image", "3", "--eval-every", "12",
+                  "--val-size", "16", "--warmup", "4", "--learning-rate", "3e-3", "--workers", "1"]) == 0
+    log = json.loads((out / "training.json").read_text())
+    for losses, n in ((log["vision_losses"], 16), (log["losses"], 24)):
+        assert len(losses) == n and np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
     config, _ = validate(out)
     engine = pmod.open_engine(out, dtype="float32")
     assert engine.config.vision_config["image_size"] == 96
     assert train(["--out", str(out), "--steps", "1"]) == 2  # refuses to overwrite
+
+
+def test_patch_labels_follow_the_scene():
+    from train_default_model import GRID, PATCH, patch_labels
+    from pmod import shapes
+
+    s = shapes.make_samples("train", 1, seed=3)[0]
+    colour, shape, centre, across, down = patch_labels(s.scene)
+    assert centre.sum() == len(s.scene.objects)
+    for o in s.scene.objects:
+        i = min(int(o.cy) // PATCH, GRID - 1) * GRID + min(int(o.cx) // PATCH, GRID - 1)
+        assert centre[i] == 1
+        assert list(shapes.COLOURS)[colour[i] - 1] == o.colour
+        assert list(shapes.SHAPES)[shape[i] - 1] == o.shape
+        if abs(o.cx - 48) >= shapes.POSITION_GAP * 96:
+            assert across[i] == (1 if o.cx < 48 else 2)
+    assert ((colour == 0) == (shape == 0)).all() and ((shape == 0) == (down == 0)).all() and (colour == 0).mean() > 0.5  # mostly background
