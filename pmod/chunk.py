@@ -66,6 +66,7 @@ def split_chunk(embeds: np.ndarray, mask: np.ndarray, start: int, max_vision: in
     return chunk
 
 
-def live_lengths(config: PmodConfig, chunk: Chunk) -> list[int]:
-    """Live KV entries each layer gains from ``chunk``: its text tokens plus ``k_l = kept_count(n, r_l)``."""
-    return [chunk.text_len + k for k in capacities(config, chunk.n_vision)]
+def live_lengths(config: PmodConfig, chunk: Chunk, retention: float = 1.0) -> list[int]:
+    """Live KV entries each layer gains from ``chunk``: its text tokens plus ``k_l = kept_count(n, r_l)``
+    (``r_l`` scaled by the ``retention`` dial the graphs were built for)."""
+    return [chunk.text_len + k for k in capacities(config, chunk.n_vision, retention)]

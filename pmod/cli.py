@@ -25,7 +25,8 @@ def _cmd_info(args) -> None:
 def _cmd_convert(args) -> None:
     from .convert import convert_checkpoint
 
-    dst = convert_checkpoint(args.src, args.dst, dtype=args.dtype, vision_tower=args.vision_tower)
+    dst = convert_checkpoint(args.src, args.dst, dtype=args.dtype, vision_tower=args.vision_tower,
+                             quantize=args.quantize, group_size=args.group_size, dequantize=args.dequantize)
     print(f"wrote {dst}", file=sys.stderr)
 
 
@@ -77,6 +78,12 @@ def _cmd_fuse(args) -> None:
     print(f"wrote {dst}", file=sys.stderr)
 
 
+def _cmd_bench(args) -> None:
+    from .bench import run_bench_command
+
+    run_bench_command(args)
+
+
 def _export_module(name: str):
     """A ``pmod_export`` module, or a one-line error saying which extra to install."""
     import importlib
@@ -93,7 +100,8 @@ def _cmd_export_onnx(args) -> None:
     from .models import resolve_model
 
     dst = _export_module("onnx_export").export_onnx(
-        resolve_model(args.model), args.out, args.max_vision_tokens, dtype=args.dtype, max_context=args.max_context)
+        resolve_model(args.model), args.out, args.max_vision_tokens, dtype=args.dtype, max_context=args.max_context,
+        retention=1.0 if args.retention is None else args.retention)
     print(f"wrote {dst}", file=sys.stderr)
 
 
@@ -130,6 +138,24 @@ def _add_sampling(s) -> None:
                    help="a LoRA adapter directory written by 'pmod lora' (mlx backend; see 'pmod fuse' for others)")
     s.add_argument("--chat-template", action="store_true",
                    help="use the checkpoint's own chat template instead of Vicuna v1 (the released models' template)")
+    _add_retention(s, "; an ONNX export runs at the S it was exported with")
+
+
+def _retention(text: str) -> float:
+    """argparse type of ``--retention``: a number > 0, else argparse's one-line error."""
+    from .schedule import check_retention
+
+    try:
+        return check_retention(float(text))
+    except (ValueError, PmodError):
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (1 keeps the trained schedule), got {text!r}") from None
+
+
+def _add_retention(s, what: str = "") -> None:
+    s.add_argument("--retention", type=_retention, default=None, metavar="S",
+                   help="scale every MoD layer's vision-token ratio by S, clamped to [min ratio, 1]: below 1 is "
+                        "faster and less accurate, above 1 keeps more tokens; dense layers stay dense "
+                        f"(default 1: as trained{what})")
 
 
 def _add_lora(s) -> None:
@@ -185,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vision-tower", metavar="CLIP_DIR", default=None,
                    help="Hugging Face CLIPVisionModel / CLIPModel directory whose vision tower goes into DST "
                         "(official checkpoints without their own; llava-hf checkpoints carry theirs)")
+    s.add_argument("--quantize", type=int, choices=[4, 8], default=None, metavar="{4,8}",
+                   help="MLX affine quantization (4 or 8 bits) of the decoder's and projector's linears and the "
+                        "LM head; routers, norms, embeddings and the vision tower stay float (MLX backend only). "
+                        "SRC may also be a float pmod checkpoint")
+    s.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None, metavar="{32,64,128}",
+                   help="weights sharing one scale and bias with --quantize (default 64); a linear whose input "
+                        "size it does not divide stays float")
+    s.add_argument("--dequantize", action="store_true",
+                   help="SRC is a quantized pmod checkpoint: write its float copy (for the torch/ONNX backends)")
     s.set_defaults(func=_cmd_convert)
 
     s = sub.add_parser("info", help="print a model's config and per-layer schedule")
@@ -198,7 +233,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vision-tokens", type=int, default=2880)
     s.add_argument("--text-tokens", type=int, default=0)
     s.add_argument("--kv-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    _add_retention(s)
     s.set_defaults(func=_cmd_flops)
+
+    s = sub.add_parser("bench", help="measure dense vs p-MoD per backend: prefill, decode, KV cache, memory, FLOP/s")
+    s.add_argument("--model", help="pmod checkpoint directory (onnx and trt export it once, cached)")
+    s.add_argument("--preset", help="a seeded random-weight model, built once and cached: tiny, embedded, "
+                                    "next-proxy, next-7b")
+    s.add_argument("--backend", default="mlx,torch,onnx,trt",
+                   help="comma-separated backends; one not installed is skipped (default: %(default)s)")
+    s.add_argument("--vision-tokens", metavar="N[,N...]",
+                   help="routed vision tokens per prefill, one count or a list (default 576,1440,2880,5760 "
+                        "with --model, the preset's own with --preset)")
+    s.add_argument("--text-tokens", type=int, help="text tokens around the vision block (default 64, or the preset's)")
+    s.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps after each prefill (default 32)")
+    s.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up (default 3)")
+    s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="compute dtype (default: each backend's, float32 on CPU)")
+    s.add_argument("--profile", action="store_true",
+                   help="also time each decoder layer, a MoD layer split into route / attention / mlp / merge")
+    _add_retention(s, "; onnx and trt export and build the graphs at S, cached per S")
+    s.add_argument("--json", metavar="OUT", help="write every figure, the machine and the versions as JSON")
+    s.add_argument("--plot", metavar="OUT.png", help="plot prefill latency and the p-MoD speedup (needs matplotlib)")
+    s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("generate", help="answer one prompt (optionally with images), streamed to stdout")
     s.add_argument("--model", help="pmod checkpoint directory (default: the embedded model)")
@@ -224,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="graph dtype")
     e.add_argument("--max-context", type=int, default=None,
                    help="longest context the graphs serve (default: max_position_embeddings)")
+    _add_retention(e, "; the capacities are static, so the graphs are built for S and the manifest records it")
     e.set_defaults(func=_cmd_export_onnx)
     e = export.add_parser("lint", help="TensorRT-compatibility lint of an export directory or .onnx file")
     e.add_argument("path", help="export directory or .onnx file")
@@ -264,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("lora", help="LoRA-finetune a model (MLX) on LLaVA conversation JSONL, routers included")
     _add_lora(s)
 
-    s = sub.add_parser("fuse", help="merge a LoRA adapter into a new pmod checkpoint (loads in every backend)")
+    s = sub.add_parser("fuse", help="merge a LoRA adapter into a new pmod checkpoint, loadable by every backend (a "
+                                    "quantized base: the adapted linears are dequantized, merged and quantized "
+                                    "again; MLX only)")
     s.add_argument("--model", help="base pmod checkpoint directory (default: the embedded model)")
     s.add_argument("--adapter-path", required=True, help="adapter directory written by 'pmod lora'")
     s.add_argument("--out", required=True, help="output pmod checkpoint directory (must not exist)")

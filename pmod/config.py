@@ -13,9 +13,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import PmodError
+
+if TYPE_CHECKING:
+    from .quantization import Quantization
 
 FORMAT_VERSION = 1
 MODEL_TYPE = "pmod_llava_llama"
@@ -68,6 +71,8 @@ class PmodConfig:
     image_grid_pinpoints: list | None = None
     max_num_patches: int | None = None
     vision_config: dict | None = None
+    # MLX affine quantization of some linears (pmod.quantization); None: float weights.
+    quantization: dict | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +139,7 @@ class PmodConfig:
         if self.mod_decay_span is not None and (
                 not isinstance(self.mod_decay_span, int) or self.mod_decay_span <= 0):
             raise PmodError(f"config key 'mod_decay_span' must be a positive integer or null, got {self.mod_decay_span!r}")
+        self.quant  # parses, raising on a bad 'quantization' entry
 
     # -------------------------------------------------------------- derived
     @property
@@ -151,6 +157,13 @@ class PmodConfig:
         kind, scale, bias = m.group(1), m.group(2), m.group(3)
         # The official parser falls back to scale 1, bias 1 without the numbers.
         return kind, float(scale) if scale else 1.0, float(bias) if bias else 1.0
+
+    @property
+    def quant(self) -> "Quantization | None":
+        """The parsed ``quantization`` entry (None: a float checkpoint)."""
+        from .quantization import Quantization
+
+        return Quantization.from_entry(self.quantization)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -202,6 +215,8 @@ class PmodConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         if d["rope_scaling"] is None:
             del d["rope_scaling"]  # transformers 5 warns about a null rope_scaling
+        if d["quantization"] is None:
+            del d["quantization"]  # float checkpoints' config.json stays as before
         d["model_type"] = MODEL_TYPE
         d["pmod_format_version"] = FORMAT_VERSION
         return d

@@ -18,6 +18,10 @@ The weights are ``model.safetensors``, a sharded ``model.safetensors.index.json`
 ``pytorch_model.bin`` or a sharded ``pytorch_model.bin.index.json`` (see docs/FORMAT.md
 for the whole mapping).
 
+``quantize`` (``pmod convert --quantize 4|8``) writes a quantized checkpoint
+(``pmod.quantization``) from either source or from a float pmod checkpoint;
+``dequantize`` writes a quantized pmod checkpoint's float copy.
+
 Everything that can be checked before writing is checked first (config, files, tensor
 names, the set of MoD layers against the schedule, shapes, the tower against the
 checkpoint), so bad input raises one ``PmodError`` and creates nothing; the write itself
@@ -44,9 +48,10 @@ import numpy as np
 from .config import _DECAY_RE, PmodConfig
 from .errors import PmodError
 from .format import (
-    FLOAT_DTYPES, TOKENIZER_FILES, atomic_dir, expected_tensors, save_checkpoint, vision_layers_used,
-    vision_tensors,
+    FLOAT_DTYPES, TOKENIZER_FILES, atomic_dir, expected_tensors, save_checkpoint, stored_dtype, tensor_loaders,
+    vision_layers_used, vision_tensors,
 )
+from .quantization import DEFAULT_GROUP_SIZE, check_settings, dequantized_loaders, quantized_loaders
 from .safetensors_io import read_header, read_tensors, to_float32
 from .schedule import mod_layers
 
@@ -89,7 +94,8 @@ class _Tensor:
 
 
 # --------------------------------------------------------------------------- entry point
-def convert_checkpoint(src, dst, dtype: str | None = None, vision_tower=None) -> Path:
+def convert_checkpoint(src, dst, dtype: str | None = None, vision_tower=None, quantize: int | None = None,
+                       group_size: int | None = None, dequantize: bool = False) -> Path:
     """Convert the checkpoint directory ``src`` into the pmod directory ``dst``.
 
     ``src``: an official p-MoD / LLaVA checkpoint or a llava-hf one (``model_type``
@@ -98,14 +104,28 @@ def convert_checkpoint(src, dst, dtype: str | None = None, vision_tower=None) ->
     source's (bfloat16 stays bfloat16, float16 stays float16, float32 becomes float16).
     ``vision_tower``: a Hugging Face ``CLIPVisionModel`` or ``CLIPModel`` directory whose
     vision tower and config go into ``dst`` (official layout only; llava-hf checkpoints
-    carry their own). Returns ``dst``. Raises :class:`PmodError` (and writes nothing) on
-    bad input.
+    carry their own). ``quantize`` (4 or 8 bits, ``group_size`` 32, 64 or 128, default 64):
+    MLX affine quantization (``pmod.quantization``; needs MLX); ``src`` may then also be a
+    float pmod checkpoint. ``dequantize``: ``src`` is a quantized pmod checkpoint, ``dst``
+    its float copy. Returns ``dst``. Raises :class:`PmodError` (and writes nothing) on bad
+    input.
     """
     src, dst = Path(src), Path(dst)
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise PmodError(f"unknown dtype {dtype!r}: choose one of {', '.join(FLOAT_DTYPES)}")
+    if quantize is None and group_size is not None:
+        raise PmodError("--group-size goes with --quantize 4|8")
+    if quantize is not None:
+        group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+        check_settings(quantize, group_size)
+        if dequantize:
+            raise PmodError("--quantize and --dequantize exclude each other: give one")
     if dst.exists():
         raise PmodError(f"output {dst} already exists; remove it or choose another path")
+    if _is_pmod_checkpoint(src):
+        return _convert_pmod(src, dst, dtype, quantize, group_size, dequantize, vision_tower)
+    if dequantize:
+        raise PmodError(f"--dequantize takes a quantized pmod checkpoint; {src} is not a pmod checkpoint")
     raw = _read_config_json(src)
     extra_files: dict[str, Path | dict] = {}
     if raw.get("model_type") in HF_MODEL_TYPES:
@@ -139,18 +159,51 @@ def convert_checkpoint(src, dst, dtype: str | None = None, vision_tower=None) ->
         proc = _processor_source(src)
         if proc is not None:
             extra_files["preprocessor_config.json"] = proc
-    _write(dst, config, tensors, out_dtype, src, extra_files)
+    loaders = {n: t.load for n, t in tensors.items()}
+    if quantize is not None:
+        config, loaders = quantized_loaders(config, loaders, quantize, group_size, out_dtype)
+    _write(dst, config, loaders, out_dtype, src, extra_files)
     return dst
 
 
-def _write(dst: Path, config: PmodConfig, tensors: dict[str, "_Tensor"], dtype: str, src: Path,
+def _is_pmod_checkpoint(src: Path) -> bool:
+    try:
+        return "pmod_format_version" in json.loads((src / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False  # _read_config_json reports what is wrong
+
+
+def _convert_pmod(src: Path, dst: Path, dtype, quantize, group_size, dequantize, vision_tower) -> Path:
+    """``--quantize`` or ``--dequantize`` of a pmod checkpoint; anything else needs no conversion."""
+    if quantize is None and not dequantize:
+        raise PmodError(f"{src} is already a pmod checkpoint: use it directly, no conversion needed "
+                        "(--quantize 4|8 quantizes it, --dequantize makes a quantized one float)")
+    if vision_tower is not None:
+        raise PmodError(f"{src} is a pmod checkpoint: drop --vision-tower (it adds a tower to official checkpoints)")
+    config, found, loaders = tensor_loaders(src)
+    q = config.quant
+    if quantize is not None and q is not None:
+        raise PmodError(f"{src} is already quantized ({q.bits}-bit): quantize its float checkpoint instead "
+                        "(or --dequantize it first)")
+    if dequantize and q is None:
+        raise PmodError(f"{src} is not quantized: --dequantize takes a checkpoint written with --quantize")
+    out_dtype = dtype or stored_dtype(found)
+    if quantize is not None:
+        config, loaders = quantized_loaders(config, loaders, quantize, group_size, out_dtype)
+    else:
+        config, loaders = dequantized_loaders(config, loaders)
+    _write(dst, config, loaders, out_dtype, src, {})
+    return dst
+
+
+def _write(dst: Path, config: PmodConfig, loaders: dict[str, Callable[[], np.ndarray]], dtype: str, src: Path,
            extra_files: dict[str, "Path | dict"]) -> None:
     """``save_checkpoint`` plus the processor files, all in one atomic step."""
-    bar = _progress_bar(len(tensors), dst.name)
+    bar = _progress_bar(len(loaders), dst.name)
     try:
         with atomic_dir(dst) as tmp:
             inner = tmp / "checkpoint"
-            save_checkpoint(inner, config, {n: t.load for n, t in tensors.items()}, dtype=dtype,
+            save_checkpoint(inner, config, loaders, dtype=dtype,
                             tokenizer_dir=src, progress=(lambda _name: bar.update(1)) if bar else None)
             for path in inner.iterdir():
                 os.replace(path, tmp / path.name)

@@ -103,10 +103,12 @@ def run_demo(args, out=None, err=None) -> Path:
     kept, image_positions, n_prompt = first
     n_vision = len(image_positions)
     n_text = n_prompt - n_vision
-    rep = report(config, n_vision, n_text)
-    ratios = layer_ratios(config)
+    retention = session.engine.retention
+    rep = report(config, n_vision, n_text, retention=retention)
+    ratios = layer_ratios(config, retention)
     held_vision = [int(np.isin(image_positions, h).sum()) for h in kept]
-    print(f"\np-MoD on the first question's prompt: {n_vision} vision + {n_text} text tokens", file=out)
+    at = "" if retention == 1.0 else f" at retention {retention:g}"
+    print(f"\np-MoD{at} on the first question's prompt: {n_vision} vision + {n_text} text tokens", file=out)
     print(f"{'layer':>5}  {'ratio':>7}  {'kept vision':>11}  {'KV p-MoD':>8}  {'KV dense':>8}", file=out)
     for i, (r, kv_p, kv_d) in enumerate(zip(ratios, rep.pmod_kv_entries, rep.dense_kv_entries)):
         print(f"{i:>5}  {'dense' if r is None else f'{r:.3f}':>7}  {held_vision[i]:>5} / {n_vision:<4}  "

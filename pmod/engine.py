@@ -30,6 +30,8 @@ class Engine(ABC):
     """A loaded model plus its per-layer KV caches (batch size 1)."""
 
     config: PmodConfig
+    #: The retention dial the model runs at (``pmod.schedule.layer_ratios``; 1: as trained).
+    retention: float = 1.0
 
     @abstractmethod
     def prefill(self, input_ids=None, inputs_embeds=None, vision_mask=None) -> np.ndarray:
@@ -122,9 +124,17 @@ def open_engine(path, backend: str = "mlx", dtype: str | None = None, **kwargs) 
     ``dense=True`` gives the plain-LLaVA twin on the same weights: every layer runs over
     every token, routers unused (for p-MoD vs dense comparisons). ``adapter_path=DIR`` (mlx)
     applies a LoRA adapter written by ``pmod lora``; other backends load ``pmod fuse``'s output.
+    ``retention=S`` scales every MoD layer's ratio (``pmod.schedule.layer_ratios``): mlx and
+    torch take any S > 0; an ONNX/TensorRT export runs at the S it was exported with.
     """
     if backend not in BACKENDS:
         raise PmodError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if kwargs.get("retention") is None:
+        kwargs.pop("retention", None)
+    else:
+        from .schedule import check_retention
+
+        kwargs["retention"] = check_retention(kwargs["retention"])
     if kwargs.get("adapter_path") is None:
         kwargs.pop("adapter_path", None)
     elif backend != "mlx":

@@ -19,6 +19,9 @@ What is counted (docs/FLOPS.md has the formulas and the checks against the paper
 
 ``kv_entries`` is the number of (K, V) token slots a layer's cache holds after the
 prefill; ``kv_bytes`` multiplies by ``2 * kv_heads * head_dim * bytes_per_element``.
+
+Every p-MoD count takes the ``retention`` dial (``pmod.schedule.layer_ratios``): the
+ratios, hence ``k_l``, are those the runtimes use at that setting.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from .config import PmodConfig
 from .errors import PmodError
-from .schedule import capacities, layer_ratios
+from .schedule import capacities, check_retention, layer_ratios
 
 KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -81,23 +84,24 @@ def _bytes_per_element(kv_dtype) -> int:
                     "or a positive byte count")
 
 
-def _ratios(config: PmodConfig, dense: bool) -> list[float | None]:
-    return [None] * config.num_hidden_layers if dense else layer_ratios(config)
+def _ratios(config: PmodConfig, dense: bool, retention: float) -> list[float | None]:
+    return [None] * config.num_hidden_layers if dense else layer_ratios(config, retention)
 
 
-def _kept_vision(config: PmodConfig, n_vision: int, dense: bool) -> list[int]:
+def _kept_vision(config: PmodConfig, n_vision: int, dense: bool, retention: float) -> list[int]:
     if dense:
         return [n_vision] * config.num_hidden_layers
-    return capacities(config, n_vision)
+    return capacities(config, n_vision, retention)
 
 
 # ------------------------------------------------------------------------- KV cache
-def kv_entries(config: PmodConfig, n_vision: int, n_text: int, dense: bool = False) -> list[int]:
+def kv_entries(config: PmodConfig, n_vision: int, n_text: int, dense: bool = False,
+               retention: float = 1.0) -> list[int]:
     """Tokens each layer's KV cache holds after a prefill of ``n_vision`` routed vision
     tokens and ``n_text`` text tokens: all of them in a dense layer, ``n_text + k_l`` in
     a MoD layer. ``dense=True`` gives the baseline (every layer dense)."""
     n_vision, n_text = _count("n_vision", n_vision), _count("n_text", n_text)
-    return [n_text + k for k in _kept_vision(config, n_vision, dense)]
+    return [n_text + k for k in _kept_vision(config, n_vision, dense, retention)]
 
 
 def kv_bytes_per_entry(config: PmodConfig, kv_dtype="float16") -> int:
@@ -106,10 +110,10 @@ def kv_bytes_per_entry(config: PmodConfig, kv_dtype="float16") -> int:
 
 
 def kv_bytes(config: PmodConfig, n_vision: int, n_text: int, dense: bool = False,
-             kv_dtype="float16") -> int:
+             kv_dtype="float16", retention: float = 1.0) -> int:
     """KV-cache bytes after the prefill, summed over layers (``kv_dtype``: a name in
     :data:`KV_DTYPE_BYTES` or a byte count per element)."""
-    return sum(kv_entries(config, n_vision, n_text, dense)) * kv_bytes_per_entry(config, kv_dtype)
+    return sum(kv_entries(config, n_vision, n_text, dense, retention)) * kv_bytes_per_entry(config, kv_dtype)
 
 
 # ------------------------------------------------------------------------- FLOPs
@@ -142,7 +146,8 @@ def lm_head_flops(config: PmodConfig, positions: int = 1) -> int:
     return 2 * positions * config.hidden_size * config.vocab_size
 
 
-def prefill_flops(config: PmodConfig, n_vision: int, n_text: int, dense: bool = False) -> dict:
+def prefill_flops(config: PmodConfig, n_vision: int, n_text: int, dense: bool = False,
+                  retention: float = 1.0) -> dict:
     """FLOPs of a prefill of ``n_vision`` routed vision + ``n_text`` text tokens.
 
     Returns ``{"layers": [...], "decoder", "lm_head", "total", "n_vision", "n_text",
@@ -150,7 +155,8 @@ def prefill_flops(config: PmodConfig, n_vision: int, n_text: int, dense: bool = 
     attn_core, mlp, router, total``. ``dense=True`` gives the baseline (no routing)."""
     n_vision, n_text = _count("n_vision", n_vision), _count("n_text", n_text)
     layers = []
-    for i, (r, k) in enumerate(zip(_ratios(config, dense), _kept_vision(config, n_vision, dense))):
+    for i, (r, k) in enumerate(zip(_ratios(config, dense, retention),
+                                   _kept_vision(config, n_vision, dense, retention))):
         t = n_text + k
         row = dict(
             layer=i, ratio=r, kept_vision=k, tokens=t,
@@ -202,6 +208,7 @@ class Report:
     dense_kv_entries: list[int]
     pmod_kv_entries: list[int]
     kv_bytes_per_entry: int
+    retention: float = 1.0       # the dial the p-MoD side runs at
 
     @property
     def flops_ratio(self) -> float:
@@ -221,7 +228,7 @@ class Report:
         return sum(self.pmod_kv_entries) / d if d else 1.0
 
     def to_dict(self) -> dict:
-        return dict(n_vision=self.n_vision, n_text=self.n_text, kv_dtype=self.kv_dtype,
+        return dict(n_vision=self.n_vision, n_text=self.n_text, kv_dtype=self.kv_dtype, retention=self.retention,
                     dense_tflops=self.dense["total"] / 1e12, pmod_tflops=self.pmod["total"] / 1e12,
                     flops_ratio=self.flops_ratio,
                     dense_kv_entries=sum(self.dense_kv_entries),
@@ -230,15 +237,17 @@ class Report:
                     kv_ratio=self.kv_ratio)
 
 
-def report(config: PmodConfig, n_vision: int, n_text: int = 0, kv_dtype: str = "float16") -> Report:
-    """Compare the dense baseline with p-MoD for one prefill."""
+def report(config: PmodConfig, n_vision: int, n_text: int = 0, kv_dtype: str = "float16",
+           retention: float = 1.0) -> Report:
+    """Compare the dense baseline with p-MoD (at ``retention``) for one prefill."""
     return Report(
         config=config, n_vision=n_vision, n_text=n_text, kv_dtype=kv_dtype,
         dense=prefill_flops(config, n_vision, n_text, dense=True),
-        pmod=prefill_flops(config, n_vision, n_text),
+        pmod=prefill_flops(config, n_vision, n_text, retention=retention),
         dense_kv_entries=kv_entries(config, n_vision, n_text, dense=True),
-        pmod_kv_entries=kv_entries(config, n_vision, n_text),
+        pmod_kv_entries=kv_entries(config, n_vision, n_text, retention=retention),
         kv_bytes_per_entry=kv_bytes_per_entry(config, kv_dtype),
+        retention=check_retention(retention),
     )
 
 
@@ -252,6 +261,8 @@ def format_report(rep: Report, title: str = "") -> str:
         lines.append(title)
     lines.append(f"prefill: {rep.n_vision} routed vision + {rep.n_text} text tokens; "
                  f"decoder matmul FLOPs (multiply-add = 2), LM head at the last position")
+    if rep.retention != 1.0:
+        lines.append(f"p-MoD at retention {rep.retention:g}: every MoD ratio scaled, clamped to [min, 1]")
     lines.append(f"{'layer':>5}  {'ratio':>7}  {'kept vis':>8}  {'KV entries':>10}  "
                  f"{'TFLOPs dense':>12}  {'TFLOPs p-MoD':>12}")
     for d, p, kv in zip(rep.dense["layers"], rep.pmod["layers"], rep.pmod_kv_entries):
@@ -295,7 +306,8 @@ def print_flops(args) -> None:
 
         config, title = read_config(model), f"model {Path(model)}"
     kv_dtype = getattr(args, "kv_dtype", "float16") or "float16"
-    rep = report(config, n_vision, n_text, kv_dtype)
+    retention = getattr(args, "retention", None)
+    rep = report(config, n_vision, n_text, kv_dtype, retention=1.0 if retention is None else retention)
     if not config.is_mod:
         title += " (dense model: mod_target_layers is null)"
     sys.stdout.write(format_report(rep, title) + "\n")

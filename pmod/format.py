@@ -24,6 +24,7 @@ import numpy as np
 
 from .config import FORMAT_VERSION, PmodConfig
 from .errors import PmodError
+from .quantization import PACKED, packed_weights, quantize_shapes, require_float
 from .safetensors_io import float32_to_bf16_bits, read_header, read_tensors, to_float32, write_file
 from .schedule import layer_ratios
 
@@ -39,7 +40,8 @@ SHARD_BYTES = 2 * 1024**3
 
 
 def expected_tensors(config: PmodConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name of a model with this config, and its shape."""
+    """Every tensor name of a model with this config, and its shape (a quantized linear:
+    its packed weight, scales and biases, ``pmod.quantization``)."""
     c = config
     H, I, V, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
     q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
@@ -64,7 +66,7 @@ def expected_tensors(config: PmodConfig) -> dict[str, tuple[int, ...]]:
                 t[p + "router.bias"] = (1,)
     t.update(multimodal_tensors(c))
     t.update(vision_tensors(c))
-    return t
+    return quantize_shapes(c, t)
 
 
 def vision_tensors(config: PmodConfig) -> dict[str, tuple[int, ...]]:
@@ -175,6 +177,7 @@ def validate(path: str | Path) -> tuple[PmodConfig, dict[str, tuple[Path, str]]]
     path = Path(path)
     config = read_config(path)
     expected = expected_tensors(config)
+    packed = packed_weights(config)
     found: dict[str, tuple[Path, str]] = {}
     for f in weight_files(path):
         for name, info in read_header(f).items():
@@ -188,7 +191,10 @@ def validate(path: str | Path) -> tuple[PmodConfig, dict[str, tuple[Path, str]]]
                 raise PmodError(
                     f"tensor '{name}' in {f} has shape {tuple(info['shape'])}, expected {expected[name]} "
                     "from config.json")
-            if info["dtype"] not in FLOAT_DTYPES.values():
+            if name in packed and info["dtype"] != PACKED:
+                raise PmodError(
+                    f"tensor '{name}' in {f} has dtype {info['dtype']}; expected U32 (a packed quantized weight)")
+            if name not in packed and info["dtype"] not in FLOAT_DTYPES.values():
                 raise PmodError(
                     f"tensor '{name}' in {f} has dtype {info['dtype']}; expected F32, F16 or BF16")
             found[name] = (f, info["dtype"])
@@ -199,9 +205,15 @@ def validate(path: str | Path) -> tuple[PmodConfig, dict[str, tuple[Path, str]]]
     return config, found
 
 
-def load_numpy(path: str | Path) -> tuple[PmodConfig, dict[str, np.ndarray]]:
-    """Validate and load every tensor as float32 numpy (for numpy/torch consumers)."""
+def load_numpy(path: str | Path, quantized: bool = False) -> tuple[PmodConfig, dict[str, np.ndarray]]:
+    """Validate and load every tensor as float32 numpy (for numpy/torch consumers).
+
+    A quantized checkpoint is refused unless ``quantized``; then its packed weights come
+    back as they are stored (uint32).
+    """
     config, found = validate(path)
+    if not quantized:
+        require_float(config, path, "pmod.format.load_numpy")
     out = {}
     by_file: dict[Path, list[str]] = {}
     for name, (f, _) in found.items():
@@ -209,11 +221,34 @@ def load_numpy(path: str | Path) -> tuple[PmodConfig, dict[str, np.ndarray]]:
     for f, names in by_file.items():
         arrays = read_tensors(f, names)
         for name in names:
-            out[name] = to_float32(arrays[name], found[name][1])
+            out[name] = _widened(arrays[name], found[name][1])
     return config, out
 
 
+def tensor_loaders(path: str | Path) -> tuple[PmodConfig, dict[str, tuple[Path, str]], dict]:
+    """``(config, found, {name: loader})``: each loader reads one tensor (memory-mapped) as
+    ``load_numpy`` would, so a large checkpoint can be rewritten one tensor at a time."""
+    config, found = validate(path)
+    maps = {f: read_tensors(f) for f in {f for f, _ in found.values()}}
+    return config, found, {name: (lambda a=maps[f][name], st=st: _widened(a, st)) for name, (f, st) in found.items()}
+
+
+def stored_dtype(found: dict[str, tuple[Path, str]]) -> str:
+    """The float dtype holding most of a checkpoint's float tensors (its dtype on disk)."""
+    names = {v: k for k, v in FLOAT_DTYPES.items()}
+    kinds = [names[st] for _, st in found.values() if st in names]
+    return max(set(kinds), key=kinds.count)
+
+
+def _widened(arr: np.ndarray, st_dtype: str) -> np.ndarray:
+    return np.asarray(arr) if st_dtype == PACKED else to_float32(arr, st_dtype)
+
+
 def _encode(arr: np.ndarray, dtype: str) -> tuple[str, np.ndarray]:
+    if dtype == PACKED:
+        if np.asarray(arr).dtype != np.uint32:
+            raise PmodError(f"a packed quantized weight must be uint32, got {np.asarray(arr).dtype}")
+        return PACKED, np.asarray(arr)
     st = FLOAT_DTYPES[dtype]
     if st == "BF16":
         return st, float32_to_bf16_bits(np.asarray(arr, dtype=np.float32))
@@ -242,7 +277,9 @@ def save_checkpoint(dst: str | Path, config: PmodConfig, tensors: dict[str, np.n
     """Write a validated pmod checkpoint directory atomically.
 
     ``tensors`` maps pmod names to arrays (any float dtype; a callable returning the
-    array is accepted too, so large checkpoints convert one tensor at a time).
+    array is accepted too, so large checkpoints convert one tensor at a time). A quantized
+    config's packed weights are uint32 arrays, written as they are; ``dtype`` is that of
+    every other tensor.
     """
     if dtype not in FLOAT_DTYPES:
         raise PmodError(f"unknown dtype {dtype!r}: choose one of {', '.join(FLOAT_DTYPES)}")
@@ -253,11 +290,16 @@ def save_checkpoint(dst: str | Path, config: PmodConfig, tensors: dict[str, np.n
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise PmodError(f"tensor '{missing[0]}' is missing; cannot write the checkpoint")
+    packed = packed_weights(config)
     itemsize = 4 if dtype == "float32" else 2
+
+    def nbytes_of(name: str) -> int:
+        return (4 if name in packed else itemsize) * int(np.prod(expected[name]))
+
     shards: list[list[str]] = [[]]
     size = 0
     for name in expected:
-        nbytes = itemsize * int(np.prod(expected[name]))
+        nbytes = nbytes_of(name)
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -275,13 +317,13 @@ def save_checkpoint(dst: str | Path, config: PmodConfig, tensors: dict[str, np.n
                 arr = arr() if callable(arr) else arr
                 if tuple(arr.shape) != expected[name]:
                     raise PmodError(f"tensor '{name}' has shape {tuple(arr.shape)}, expected {expected[name]}")
-                chunk[name] = _encode(arr, dtype)
+                chunk[name] = _encode(arr, PACKED if name in packed else dtype)
                 weight_map[name] = fname
                 if progress is not None:
                     progress(name)
             write_file(tmp / fname, chunk)
         if len(files) > 1:
-            total = sum(itemsize * int(np.prod(s)) for s in expected.values())
+            total = sum(nbytes_of(n) for n in expected)
             (tmp / INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         cfg = config.to_dict()

@@ -9,8 +9,10 @@ by ``pmod lora``). Its tensors use the checkpoint's names:
 - any other name (router weights and biases, the projector when it was trained) is a
   full tensor that replaces the checkpoint's.
 
-``merged_tensors`` does the arithmetic for every runtime (the MLX loader applies an
-adapter with it); ``fuse`` writes a merged pmod checkpoint that every backend loads.
+``merge_adapter`` does the arithmetic for every runtime (the MLX loader applies an
+adapter with it); ``fuse`` writes a merged pmod checkpoint that every backend loads. On a
+quantized checkpoint (QLoRA) an adapted linear is dequantized, merged in float32 and
+quantized again with the checkpoint's settings (MLX does the quantization arithmetic).
 """
 
 from __future__ import annotations
@@ -108,18 +110,43 @@ def merged_tensors(cfg: dict, tensors: dict, base: Callable[[str], np.ndarray],
     return out
 
 
+def merge_adapter(config, cfg: dict, tensors: dict, read: Callable[[str], np.ndarray],
+                  dtype: str) -> dict[str, np.ndarray]:
+    """The checkpoint tensors the adapter changes, merged; ``read(name)`` returns a stored tensor.
+
+    In a quantized checkpoint an adapted (or replaced) quantized linear is dequantized,
+    merged, and quantized again into its weight, scales and biases (scales in ``dtype``).
+    """
+    from .format import expected_tensors
+    from .quantization import PARTS, float_config, mlx_ops
+
+    q = config.quant
+    if q is None:
+        return merged_tensors(cfg, tensors, read, expected_tensors(config))
+    ops = mlx_ops("a LoRA adapter on a quantized checkpoint")
+    quantized = {m + ".weight": m for m in q.modules}
+
+    def base(name: str) -> np.ndarray:
+        if name in quantized:
+            return ops.dequantize_weight(*(read(f"{quantized[name]}.{p}") for p in PARTS), q.bits, q.group_size)
+        return read(name)
+
+    merged = merged_tensors(cfg, tensors, base, expected_tensors(float_config(config)))
+    for name in [n for n in merged if n in quantized]:
+        parts = ops.quantize_weight(merged.pop(name), q.bits, q.group_size, dtype)
+        merged.update({f"{quantized[name]}.{p}": a for p, a in zip(PARTS, parts)})
+    return merged
+
+
 def fuse(model_dir, adapter_path, out, dtype: str | None = None) -> Path:
     """Write ``out``: the checkpoint ``model_dir`` with the adapter merged into its weights,
-    in the base's dtype unless ``dtype`` is given, its tokenizer copied."""
-    from .format import FLOAT_DTYPES, expected_tensors, load_numpy, save_checkpoint, validate
+    in the base's dtype unless ``dtype`` is given, its tokenizer copied. A quantized base
+    gives a quantized result (the adapted linears re-quantized, see :func:`merge_adapter`)."""
+    from .format import load_numpy, save_checkpoint, stored_dtype, validate
 
     config, found = validate(model_dir)
     cfg, tensors = read_adapter(adapter_path)
-    if dtype is None:
-        names = {v: k for k, v in FLOAT_DTYPES.items()}
-        kinds = [names[st] for _, st in found.values()]
-        dtype = max(set(kinds), key=kinds.count)
-    _, weights = load_numpy(model_dir)
-    shapes = expected_tensors(config)
-    weights.update(merged_tensors(cfg, tensors, weights.__getitem__, shapes))
+    dtype = dtype or stored_dtype(found)
+    _, weights = load_numpy(model_dir, quantized=True)
+    weights.update(merge_adapter(config, cfg, tensors, weights.__getitem__, dtype))
     return save_checkpoint(out, config, weights, dtype=dtype, tokenizer_dir=model_dir)

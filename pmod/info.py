@@ -1,4 +1,4 @@
-"""``pmod info``: a checkpoint's config and per-layer schedule, and the runtimes available."""
+"""``pmod info``: a checkpoint's config, quantization and per-layer schedule, and the runtimes available."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import platform
 import sys
 
 from .format import read_config
+from .quantization import describe
 from .schedule import capacities, layer_ratios
 
 SCHEDULE_COUNTS = (576, 2880)  # LLaVA-1.5 and LLaVA-NeXT vision-token budgets
@@ -33,6 +34,8 @@ def _print_model(model, file) -> None:
     if c.mm_projector_type:
         print(f"multimodal: projector {c.mm_projector_type} ({c.mm_hidden_size} -> {c.hidden_size}), "
               f"merge {c.mm_patch_merge_type}, aspect {c.image_aspect_ratio}", file=file)
+    for line in describe(c):
+        print(line, file=file)
     if not c.is_mod:
         print("p-MoD: none (dense model)", file=file)
         return

@@ -13,6 +13,13 @@ Official semantics (MCG-NJU/p-MoD, ``build_mod_layers``):
 The kept count is ``trunc(n * r)`` evaluated as the official code does it: an int32
 count times the ratio, in float32 (so n=2365 at ratio 0.76448... keeps 1808, where
 float64 would give 1807).
+
+The retention dial (``--retention S``) scales the trained ratios at inference, to trade
+speed for accuracy without retraining: a MoD layer's ratio becomes
+``clamp(S * r_l, min_ratio, 1)`` (``min_ratio`` of a ``*_decay_*`` schedule, 0 for the
+constant ones); dense layers stay dense. A MoD layer at ratio 1 still routes: it keeps
+every vision token and scales them by the router weight ``w``, as the official code does
+at ``k = n``.
 """
 
 from __future__ import annotations
@@ -22,10 +29,39 @@ import math
 import numpy as np
 
 from .config import _DECAY_RE, PmodConfig
+from .errors import PmodError
 
 
-def layer_ratios(config: PmodConfig) -> list[float | None]:
-    """Retention ratio of each decoder layer; None for a dense layer."""
+def check_retention(retention) -> float:
+    """``retention`` as a float; a one-line error unless it is a finite number > 0."""
+    if isinstance(retention, bool) or not isinstance(retention, (int, float)) \
+            or not math.isfinite(retention) or retention <= 0:
+        raise PmodError(f"retention (--retention) must be a number > 0 (1 keeps the trained schedule), "
+                        f"got {retention!r}")
+    return float(retention)
+
+
+def layer_ratios(config: PmodConfig, retention: float = 1.0) -> list[float | None]:
+    """Retention ratio of each decoder layer; None for a dense layer.
+
+    ``retention`` scales every MoD layer's ratio, clamped to ``[min_ratio, 1]``; at 1 the
+    trained ratios come back untouched.
+    """
+    scale = check_retention(retention)
+    ratios = _trained_ratios(config)
+    if scale == 1.0:
+        return ratios
+    low = min_ratio(config)
+    return [None if r is None else min(1.0, max(low, scale * r)) for r in ratios]
+
+
+def min_ratio(config: PmodConfig) -> float:
+    """The lowest ratio a MoD layer may take: the schedule's ``min`` (0 for the constant schedules)."""
+    m = _DECAY_RE.match(config.mod_target_layers or "")
+    return float(m.group(3)) if m else 0.0
+
+
+def _trained_ratios(config: PmodConfig) -> list[float | None]:
     L = config.num_hidden_layers
     spec = config.mod_target_layers
     if spec is None:
@@ -62,6 +98,6 @@ def kept_count(n: int, ratio: float | None) -> int:
     return int(np.trunc(np.float32(n) * np.float32(ratio)))
 
 
-def capacities(config: PmodConfig, n_vision: int) -> list[int]:
+def capacities(config: PmodConfig, n_vision: int, retention: float = 1.0) -> list[int]:
     """Per-layer kept vision-token counts ``k_l`` for ``n_vision`` routed tokens."""
-    return [kept_count(n_vision, r) for r in layer_ratios(config)]
+    return [kept_count(n_vision, r) for r in layer_ratios(config, retention)]

@@ -789,8 +789,8 @@ def model_id_of(model_dir) -> str:
 def make_server(model_dir, host: str = DEFAULT_HOST, port: int = 0, backend: str = "mlx",
                 dtype: str | None = None, *, max_tokens: int = 256, temp: float = 0.0, top_p: float = 1.0,
                 seed: int | None = None, max_body: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE,
-                session=None, log=None, start: bool = True, adapter_path=None, chat_template: bool = False
-                ) -> tuple[ChatServer, threading.Thread | None]:
+                session=None, log=None, start: bool = True, adapter_path=None, chat_template: bool = False,
+                retention: float | None = None) -> tuple[ChatServer, threading.Thread | None]:
     """Open the model and bind ``host:port`` (0 picks a free port); serve in a daemon thread.
 
     Returns ``(httpd, thread)``; ``httpd.url`` is the base URL, ``httpd.close()`` stops it.
@@ -815,7 +815,8 @@ def make_server(model_dir, host: str = DEFAULT_HOST, port: int = 0, backend: str
         from .session import open_session
 
         kwargs = {"adapter_path": adapter_path} if adapter_path else {}
-        return open_session(model_dir, backend=backend, dtype=dtype, chat_template=chat_template, **kwargs)
+        return open_session(model_dir, backend=backend, dtype=dtype, chat_template=chat_template,
+                            retention=retention, **kwargs)
 
     sess = _Compute.get().call(open_it)
     cls = _ChatServer6 if ":" in host else ChatServer
@@ -855,4 +856,5 @@ def run_server(args) -> None:
           backend=getattr(args, "backend", "mlx"), dtype=getattr(args, "dtype", None),
           max_tokens=getattr(args, "max_tokens", 256), temp=getattr(args, "temp", 0.0),
           top_p=getattr(args, "top_p", 1.0), seed=getattr(args, "seed", None),
-          adapter_path=getattr(args, "adapter_path", None), chat_template=getattr(args, "chat_template", False))
+          adapter_path=getattr(args, "adapter_path", None), chat_template=getattr(args, "chat_template", False),
+          retention=getattr(args, "retention", None))

@@ -11,8 +11,10 @@ from .loader import load
 
 
 class MLXEngine(Engine):
-    def __init__(self, path, dtype: str | None = None, dense: bool = False, adapter_path=None):
-        self.model = load(path, dtype, adapter_path=adapter_path)
+    def __init__(self, path, dtype: str | None = None, dense: bool = False, adapter_path=None,
+                 retention: float | None = None):
+        self.retention = 1.0 if retention is None else retention
+        self.model = load(path, dtype, adapter_path=adapter_path, retention=self.retention)
         self.dense = dense  # run every layer over every token: the plain-LLaVA twin
         self.config = self.model.config
         self.dtype = self.model.language_model.norm.weight.dtype

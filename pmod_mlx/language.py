@@ -13,6 +13,9 @@ Difference from the official code: it ranks the normalised weights of all tokens
 text tokens set to ``-inf`` logits, so a vision token whose ``tanh`` saturates at
 ``w = 0.8`` ties with text tokens and may lose its slot to one. pmod ranks vision
 tokens only, by the logit ``s`` (same order wherever ``tanh`` does not saturate).
+
+The routing and the merge run as Metal kernels where Metal is present, their MLX twins
+elsewhere (``pmod_mlx.kernels``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ from pmod.config import PmodConfig
 from pmod.errors import PmodError
 from pmod.schedule import kept_count, layer_ratios
 
+from . import kernels
 from .cache import LayerKVCache, make_cache
+
+#: ``pmod bench --profile`` sets a ``pmod.bench.LayerTimer`` here for one prefill: the decoder
+#: then calls it at section boundaries (it evaluates the arrays and reads the clock). None,
+#: as always otherwise, costs one check per section.
+PROBE = None
 
 
 @dataclass
@@ -72,8 +81,7 @@ class Routing:
     """Where a chunk's vision tokens are (every row of a batch has the same count)."""
 
     n_vision: int
-    vision_idx: mx.array  # [B, n] int32
-    text_idx: mx.array  # [B, T - n] int32
+    vision_idx: mx.array  # [B, n] int32, in increasing order
     is_vision: mx.array  # [B, T] bool
 
     @classmethod
@@ -86,7 +94,7 @@ class Routing:
             raise PmodError(f"every row of a batch needs the same number of vision tokens, got {counts.tolist()}")
         order = np.argsort(~mask, axis=1, kind="stable").astype(np.int32)  # vision first, in order
         n = int(counts[0])
-        return cls(n, mx.array(order[:, :n]), mx.array(order[:, n:]), mx.array(mask))
+        return cls(n, mx.array(order[:, :n]), mx.array(mask))
 
 
 class Attention(nn.Module):
@@ -140,41 +148,44 @@ class DecoderLayer(nn.Module):
         self.ratio = ratio
         if ratio is not None:
             self.router = nn.Linear(config.hidden_size, 1, bias=config.mod_bias_enabled)
-            kind, self.w_scale, self.w_bias = config.weight_norm
-            self.w_fn = {"tanh": mx.tanh, "sigmoid": mx.sigmoid, "none": lambda s: s}[kind]
+            self.w_kind, self.w_scale, self.w_bias = config.weight_norm
 
     def _block(self, x: mx.array, rope: Rope, cache):
         h = x + self.self_attn(self.input_layernorm(x), rope, cache)
-        return h, self.mlp(self.post_attention_layernorm(h))
+        if PROBE is not None:
+            PROBE.mark("attention", h)
+        m = self.mlp(self.post_attention_layernorm(h))
+        if PROBE is not None:
+            PROBE.mark("mlp", m)
+        return h, m
 
     def __call__(self, x: mx.array, rope: Rope, cache, routing: Routing | None) -> mx.array:
         if self.ratio is None or routing is None:
             h, m = self._block(x, rope, cache)
             return h + m
         s = self.router(x)[..., 0].astype(mx.float32)  # [B, T]
-        w = self.w_scale * self.w_fn(s) + self.w_bias
         k = kept_count(routing.n_vision, self.ratio)
-        gate = mx.where(routing.is_vision, w, 1.0).astype(x.dtype)  # w on vision, 1 on text
-        out = gate[..., None] * x  # skipped vision tokens: w * x
-        if k == 0 and routing.text_idx.shape[1] == 0:
-            return out  # an all-vision chunk of which this layer keeps nothing
-        # argsort is stable: equal scores keep the lower index first. The selection passes
-        # no gradient; the router learns through w, which scales kept and skipped tokens.
-        top = mx.argsort(-mx.take_along_axis(s, routing.vision_idx, axis=1), axis=1)[:, :k]
-        keep = mx.sort(mx.concatenate([routing.text_idx, mx.take_along_axis(routing.vision_idx, top, axis=1)],
-                                      axis=1), axis=1)  # [B, n_keep], original order
-        keep = mx.stop_gradient(keep)
-        h, m = self._block(mx.take_along_axis(x, keep[..., None], axis=1), rope.take(keep), cache)
-        kept = h + mx.take_along_axis(gate, keep, axis=1)[..., None] * m
-        return mx.put_along_axis(out, keep[..., None], kept, axis=1)
+        # gate: w on vision tokens, 1 on text; keep: the text and top-k vision positions in
+        # order (ties to the lower index); slot: each token's row in keep (-1: skipped). The
+        # selection passes no gradient; the router learns through w, on kept and skipped tokens.
+        gate, keep, slot = kernels.route(s, routing.is_vision, routing.vision_idx, k,
+                                         (self.w_kind, self.w_scale, self.w_bias), x.dtype)
+        if keep.shape[1] == 0:
+            return gate[..., None] * x  # an all-vision chunk of which this layer keeps nothing
+        x_keep, rope_keep = mx.take_along_axis(x, keep[..., None], axis=1), rope.take(keep)
+        if PROBE is not None:
+            PROBE.mark("route", gate, slot, x_keep, rope_keep.cos, rope_keep.sin, rope_keep.positions)
+        h, m = self._block(x_keep, rope_keep, cache)
+        return kernels.merge(x, h, m, gate, keep, slot)  # kept: h + gate * m; skipped: gate * x
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, config: PmodConfig):
+    def __init__(self, config: PmodConfig, retention: float = 1.0):
+        """``retention``: the runtime dial that scales every MoD layer's ratio (``pmod.schedule``)."""
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = [DecoderLayer(config, r) for r in layer_ratios(config)]
+        self.layers = [DecoderLayer(config, r) for r in layer_ratios(config, retention)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -199,10 +210,14 @@ class LanguageModel(nn.Module):
         offset = cache[0].offset if cache else 0
         rope = rope_tables(self.config, mx.arange(offset, offset + T, dtype=mx.int32))
         cache = cache or [None] * len(self.layers)
-        for layer, c in zip(self.layers, cache):
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            if PROBE is not None:
+                PROBE.enter(i, h)
             h = layer(h, rope, c, routing)
             if c is not None:
                 c.advance(T)
+        if PROBE is not None:
+            PROBE.enter(None, h)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

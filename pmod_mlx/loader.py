@@ -7,9 +7,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from pmod.errors import PmodError
-from pmod.format import validate
+from pmod.format import stored_dtype, validate
 
 from .model import Model
+from .quantize import quantize_model
 from .vision import sanitize
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -20,11 +21,14 @@ def default_dtype() -> str:
     return "float16" if mx.metal.is_available() else "float32"
 
 
-def load(path: str | Path, dtype: str | None = None, adapter_path: str | Path | None = None) -> Model:
-    """Validate and load a pmod checkpoint; ``dtype`` casts every weight (default per device).
+def load(path: str | Path, dtype: str | None = None, adapter_path: str | Path | None = None,
+         retention: float = 1.0) -> Model:
+    """Validate and load a pmod checkpoint; ``dtype`` casts every float weight (default per device).
 
     ``adapter_path``: a LoRA adapter directory (``pmod lora``), merged into the weights as
-    ``pmod fuse`` would (in float32, before the cast).
+    ``pmod fuse`` would (in float32, before the cast). ``retention`` scales the MoD layers'
+    ratios (``pmod.schedule.layer_ratios``). A quantized checkpoint loads its linears as
+    ``nn.QuantizedLinear`` (packed weights as stored, scales and biases cast to ``dtype``).
     """
     dtype = dtype or default_dtype()
     if dtype not in DTYPES:
@@ -37,22 +41,26 @@ def load(path: str | Path, dtype: str | None = None, adapter_path: str | Path | 
         except (RuntimeError, ValueError) as e:
             raise PmodError(f"{f}: cannot be read by MLX ({e}); re-copy or re-convert the checkpoint") from None
     if adapter_path is not None:
-        weights.update(_merged_adapter(adapter_path, config, weights))
-    model = Model(config)
+        weights.update(_merged_adapter(adapter_path, config, weights, stored_dtype(found)))
+    model = Model(config, retention)
+    if config.quant is not None:
+        quantize_model(model, config.quant)
     weights = sanitize(weights)
     target = DTYPES[dtype]
-    model.load_weights([(k, v.astype(target)) for k, v in weights.items()], strict=True)
+    model.load_weights([(k, v if v.dtype == mx.uint32 else v.astype(target)) for k, v in weights.items()],
+                       strict=True)
     mx.eval(model.parameters())
     return model
 
 
-def _merged_adapter(adapter_path, config, weights: dict) -> dict:
+def _merged_adapter(adapter_path, config, weights: dict, dtype: str) -> dict:
     import numpy as np
 
-    from pmod.format import expected_tensors
-    from pmod.fuse import merged_tensors, read_adapter
+    from pmod.fuse import merge_adapter, read_adapter
+
+    def read(name: str) -> np.ndarray:
+        a = weights[name]
+        return np.array(a if a.dtype == mx.uint32 else a.astype(mx.float32))
 
     cfg, tensors = read_adapter(adapter_path)
-    merged = merged_tensors(cfg, tensors, lambda n: np.array(weights[n].astype(mx.float32)),
-                            expected_tensors(config))
-    return {n: mx.array(v) for n, v in merged.items()}
+    return {n: mx.array(v) for n, v in merge_adapter(config, cfg, tensors, read, dtype).items()}

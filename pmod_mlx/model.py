@@ -28,10 +28,10 @@ class Projector(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, config: PmodConfig):
+    def __init__(self, config: PmodConfig, retention: float = 1.0):
         super().__init__()
         self.config = config
-        self.language_model = LanguageModel(config)
+        self.language_model = LanguageModel(config, retention)
         if config.vision_config is not None:
             self.vision_tower = VisionTower(config)
         if config.mm_projector_type is not None:

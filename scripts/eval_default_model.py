@@ -26,16 +26,19 @@ from pmod.models import resolve_model
 from pmod.session import Reply, open_session
 
 
-def evaluate(model_dir, samples, dense: bool, backend: str = "mlx", dtype=None, adapter_path=None) -> dict:
+def evaluate(model_dir, samples, dense: bool, backend: str = "mlx", dtype=None, adapter_path=None,
+             retention: float | None = None) -> dict:
+    """Exact-match accuracy per question type; ``retention`` sets the dial (None: as trained)."""
     kwargs = {"dense": True} if dense else {}
     if adapter_path:
         kwargs["adapter_path"] = adapter_path
-    session = open_session(model_dir, backend=backend, dtype=dtype, **kwargs)
+    session = open_session(model_dir, backend=backend, dtype=dtype, retention=retention, **kwargs)
     sampler = Sampler(SamplerArgs(temp=0.0))
     right, total = defaultdict(int), defaultdict(int)
     prompt_tokens = []
     t0 = time.perf_counter()
-    for s in tqdm(samples, desc="dense" if dense else "p-MoD", unit="q", file=sys.stderr):
+    desc = "dense" if dense else "p-MoD" if retention is None else f"p-MoD @{retention:g}"
+    for s in tqdm(samples, desc=desc, unit="q", file=sys.stderr):
         qtype, q, a = s.qa[0]
         session.reset()
         reply = Reply()

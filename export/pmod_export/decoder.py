@@ -13,7 +13,8 @@ from input *shapes* only, so this form fixes them with a declared maximum ``N``:
   *position* (key position <= query position), never by slot index.
 * A dense layer runs all ``Tt + N`` slots; padding slots are masked as keys.
 * MoD layer ``l`` ranks the vision slots by router logit (padding at ``PAD_SCORE``) and takes
-  the top ``C_l = pmod.schedule.capacities(config, N)[l]`` with one TopK whose K is the
+  the top ``C_l = pmod.schedule.capacities(config, N, retention)[l]`` (``retention``: the
+  dial the graph is built at, 1 by default) with one TopK whose K is the
   constant ``C_l``; slot ``j`` of the selection is live iff ``j < k``, ``k =
   kept_count(n, r_l)`` read from a constant table built with ``pmod.schedule.kept_count``
   (no ratio arithmetic in the graph, so TensorRT's reduced precision cannot change a
@@ -243,13 +244,14 @@ class StaticDecoder(nn.Module):
     D]`` and ``new_positions`` int32 ``[1, S_l]`` (graph names: docs/EXPORT.md).
     """
 
-    def __init__(self, lm: LanguageModel, max_vision: int, max_context: int):
+    def __init__(self, lm: LanguageModel, max_vision: int, max_context: int, retention: float = 1.0):
+        """``retention``: the dial scaling every MoD layer's ratio (``pmod.schedule``), fixed at build time."""
         super().__init__()
         config = lm.config
         self.lm = lm
         self.N = int(max_vision)
-        self.ratios = layer_ratios(config)
-        self.capacities = capacities(config, self.N)  # C_l: the only place they come from
+        self.ratios = layer_ratios(config, retention)
+        self.capacities = capacities(config, self.N, retention)  # C_l: the only place they come from
         cos, sin = rope_tables(config, max_context)
         dtype = lm.norm.weight.dtype
         self.register_buffer("cos", cos.to(dtype), persistent=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pmod.config import FORMAT_VERSION, PmodConfig
 from pmod.errors import PmodError
-from pmod.schedule import capacities
+from pmod.schedule import capacities, check_retention
 
 MANIFEST = "manifest.json"
 FORMAT = "pmod-onnx"
@@ -48,13 +48,14 @@ class Manifest:
     max_vision_tokens: int
     max_context: int
     opset: int
-    capacities: list[int]  # C_l = pmod.schedule.capacities(config, max_vision_tokens)
-    layer_ratios: list  # r_l, None for dense layers (informative)
+    capacities: list[int]  # C_l = pmod.schedule.capacities(config, max_vision_tokens, retention)
+    layer_ratios: list  # r_l at that retention, None for dense layers (informative)
     kv: dict  # num_layers, num_key_value_heads, head_dim, layout
     config: dict  # the source checkpoint's config.json
     graphs: dict[str, GraphSpec]
     pmod_format_version: int = FORMAT_VERSION
     lint: dict = field(default_factory=dict)
+    retention: float = 1.0  # the dial the graphs were built at (absent in older manifests: 1)
 
     @property
     def pmod_config(self) -> PmodConfig:
@@ -97,9 +98,12 @@ def read_manifest(directory) -> Manifest:
             dtype=d["dtype"], max_vision_tokens=int(d["max_vision_tokens"]), max_context=int(d["max_context"]),
             opset=int(d["opset"]), capacities=list(d["capacities"]), layer_ratios=list(d["layer_ratios"]),
             kv=dict(d["kv"]), config=dict(d["config"]), pmod_format_version=d["pmod_format_version"],
-            graphs={k: GraphSpec.from_dict(v) for k, v in d["graphs"].items()}, lint=d.get("lint", {}))
+            graphs={k: GraphSpec.from_dict(v) for k, v in d["graphs"].items()}, lint=d.get("lint", {}),
+            retention=check_retention(d.get("retention", 1.0)))
     except (KeyError, TypeError, ValueError) as e:
         raise PmodError(f"{path} lacks or mangles {e}; {_FIX}") from None
+    except PmodError as e:
+        raise PmodError(f"{path}: {e}; {_FIX}") from None
     unknown = [g for g in m.graphs if g not in GRAPHS]
     missing = [g for g in REQUIRED_GRAPHS if g not in m.graphs]
     if unknown or missing:
@@ -108,9 +112,10 @@ def read_manifest(directory) -> Manifest:
     if m.max_vision_tokens and "prefill" not in m.graphs:
         raise PmodError(f"{path} declares max_vision_tokens {m.max_vision_tokens} but no prefill graph; {_FIX}")
     config = m.pmod_config
-    if m.capacities != capacities(config, m.max_vision_tokens):
+    want = capacities(config, m.max_vision_tokens, m.retention)
+    if m.capacities != want:
         raise PmodError(f"{path}: capacities {m.capacities} do not match the schedule of its config for "
-                        f"N = {m.max_vision_tokens} ({capacities(config, m.max_vision_tokens)}); {_FIX}")
+                        f"N = {m.max_vision_tokens} at retention {m.retention:g} ({want}); {_FIX}")
     for name, g in m.graphs.items():
         for f in (g.file, g.external_data):
             if f and not (directory / f).is_file():

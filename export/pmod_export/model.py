@@ -19,6 +19,7 @@ import torch.nn as nn
 from pmod.config import PmodConfig
 from pmod.errors import PmodError
 from pmod.format import validate
+from pmod.quantization import require_float
 from pmod.safetensors_io import read_tensors, to_float32
 
 from .decoder import Embed, LanguageModel, StaticDecoder
@@ -45,7 +46,7 @@ class PmodTorchModel(nn.Module):
             self.projector = Projector(config)
             if "unpad" in (config.mm_patch_merge_type or ""):
                 self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
-        self._decoders: dict[tuple[int, int], StaticDecoder] = {}
+        self._decoders: dict[tuple[int, int, float], StaticDecoder] = {}
 
     @property
     def has_vision(self) -> bool:
@@ -64,9 +65,9 @@ class PmodTorchModel(nn.Module):
                             "re-convert it with 'pmod convert SRC DST --vision-tower CLIP_DIR'")
         return VisionEncoder(self.vision_tower, self.projector, getattr(self, "image_newline", None))
 
-    def decoder(self, max_vision: int, max_context: int | None = None) -> StaticDecoder:
-        """The static decoder for ``max_vision`` vision slots (built once per size)."""
-        key = (int(max_vision), int(max_context or self.config.max_position_embeddings))
+    def decoder(self, max_vision: int, max_context: int | None = None, retention: float = 1.0) -> StaticDecoder:
+        """The static decoder for ``max_vision`` vision slots at this retention (built once per size)."""
+        key = (int(max_vision), int(max_context or self.config.max_position_embeddings), float(retention))
         if key not in self._decoders:
             self._decoders[key] = StaticDecoder(self.language_model, *key)
         return self._decoders[key]
@@ -81,6 +82,7 @@ def load(path: str | Path, dtype: str | None = None) -> PmodTorchModel:
     """
     target = torch_dtype(dtype)
     config, found = validate(path)
+    require_float(config, path, "the torch backend")
     with torch.device("meta"):
         model = PmodTorchModel(config)
     by_file: dict[Path, list[str]] = {}

@@ -27,7 +27,8 @@ import numpy as np
 from pmod.errors import PmodError
 from pmod.format import TOKENIZER_FILES, atomic_dir, read_config
 from pmod.image import PREPROCESSOR_FILE
-from pmod.schedule import capacities, layer_ratios
+from pmod.quantization import require_float
+from pmod.schedule import capacities, check_retention, layer_ratios
 
 OPSET = 17
 EXPORT_DTYPES = ("float32", "float16")
@@ -71,14 +72,19 @@ def one_image_vision_tokens(config) -> int:
 
 
 def export_onnx(model_dir, out_dir, max_vision_tokens: int | None = None, dtype: str = "float32",
-                max_context: int | None = None, external_data_bytes: int | None = None) -> Path:
+                max_context: int | None = None, external_data_bytes: int | None = None,
+                retention: float = 1.0) -> Path:
     """Export a pmod checkpoint to ``out_dir`` (which must not exist); return its path.
 
-    ``max_vision_tokens`` (N) defaults to :func:`one_image_vision_tokens`.
+    ``max_vision_tokens`` (N) defaults to :func:`one_image_vision_tokens`. ``retention``
+    scales every MoD layer's ratio (``pmod.schedule.layer_ratios``); the capacities are
+    static, so the graphs are built for it and the manifest records it.
     ``external_data_bytes``: a graph whose weights exceed it stores them in
     ``<graph>.onnx.data`` (default ``EXTERNAL_DATA_BYTES``).
     """
     config = read_config(model_dir)  # cheap checks before the weights load
+    require_float(config, model_dir, "pmod export onnx")
+    retention = check_retention(retention)
     N = one_image_vision_tokens(config) if max_vision_tokens is None else max_vision_tokens
     if not isinstance(N, int) or isinstance(N, bool) or N < 0:
         raise PmodError(f"--max-vision-tokens must be a non-negative integer, got {N!r}")
@@ -132,7 +138,7 @@ def export_onnx(model_dir, out_dir, max_vision_tokens: int | None = None, dtype:
 
         for name, n_slots in (("prefill", N), ("decode", 0)):
             if n_slots or name == "decode":
-                decoder = model.decoder(n_slots, T)
+                decoder = model.decoder(n_slots, T, retention)
                 graphs[name] = _export_graph(decoder, *_decoder_example(config, decoder, tdtype, T), name=name, **where)
         shutil.rmtree(work)
 
@@ -141,8 +147,8 @@ def export_onnx(model_dir, out_dir, max_vision_tokens: int | None = None, dtype:
             if (source / f).is_file():
                 shutil.copy2(source / f, tmp / f)
         manifest = Manifest(
-            dtype=dtype, max_vision_tokens=N, max_context=T, opset=OPSET, capacities=capacities(config, N),
-            layer_ratios=layer_ratios(config),
+            dtype=dtype, max_vision_tokens=N, max_context=T, opset=OPSET, capacities=capacities(config, N, retention),
+            layer_ratios=layer_ratios(config, retention), retention=retention,
             kv={"num_layers": config.num_hidden_layers, "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
                 "layout": "[1, entries, num_key_value_heads, head_dim], positions int32 [1, entries]"},
             config=config.to_dict(), graphs=graphs)

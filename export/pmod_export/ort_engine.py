@@ -65,7 +65,7 @@ def _pointer(buf, offset: int) -> int:
 
 class OrtEngine(Engine):
     def __init__(self, path, dtype: str | None = None, dense: bool = False, providers=None,
-                 device_kv: bool | None = None, threads: int | None = None):
+                 device_kv: bool | None = None, threads: int | None = None, retention: float | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -73,6 +73,11 @@ class OrtEngine(Engine):
         if dtype is not None and dtype != m.dtype:
             raise PmodError(f"{self.path} was exported in {m.dtype}; for {dtype} re-export with "
                             f"'pmod export onnx --dtype {dtype}' (or drop --dtype)")
+        if retention is not None and retention != m.retention:
+            raise PmodError(f"{self.path} was exported at retention {m.retention:g} (its capacities are static); "
+                            f"for {retention:g} re-export with 'pmod export onnx --retention {retention:g}' "
+                            "(or drop --retention)")
+        self.retention = m.retention
         self.manifest = m
         self.dense = dense  # every chunk through the text graph: the plain-LLaVA twin, routers unused
         self.max_vision = m.max_vision_tokens
@@ -148,7 +153,7 @@ class OrtEngine(Engine):
         slots = [chunk.text_len + e for e in extra]
         self.cache.reserve(slots)
         self._run(graph, chunk.feeds(), slots)
-        self.cache.advance(live_lengths(self.config, chunk))
+        self.cache.advance(live_lengths(self.config, chunk, self.retention))
         self._position += chunk.length
         return self._logits[0].copy()
 

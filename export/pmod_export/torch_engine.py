@@ -3,7 +3,9 @@
 It runs exactly what is exported (``StaticDecoder``, ``VisionEncoder``) on a pmod
 checkpoint directory, eagerly on the CPU. ``max_vision_tokens=N`` fixes the vision stream
 at ``N`` slots as the exported graphs do; left at None, each chunk gets a stream of its
-own ``n`` slots (no padding: the quickest eager form, the same answers).
+own ``n`` slots (no padding: the quickest eager form, the same answers). ``retention=S``
+runs the MoD layers at that dial (``pmod.schedule.layer_ratios``), as ``pmod export onnx
+--retention S`` would build them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from pmod.engine import Engine, _normalize_inputs
 from pmod.errors import PmodError
+from pmod.schedule import check_retention
 
 from .cache import KVCache
 from pmod.chunk import live_lengths, split_chunk
@@ -25,8 +28,10 @@ _STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16
 
 
 class TorchEngine(Engine):
-    def __init__(self, path, dtype: str | None = None, max_vision_tokens: int | None = None, dense: bool = False):
+    def __init__(self, path, dtype: str | None = None, max_vision_tokens: int | None = None, dense: bool = False,
+                 retention: float | None = None):
         torch_loader.check()
+        self.retention = check_retention(1.0 if retention is None else retention)
         self.model = load(path, dtype)
         self.dense = dense  # run every layer over every token: the plain-LLaVA twin, routers unused
         self.config = self.model.config
@@ -51,7 +56,7 @@ class TorchEngine(Engine):
         n = int(mask.sum())
         N = n if self.max_vision is None else self.max_vision
         chunk = split_chunk(emb, mask, self._position, N, flag="max_vision_tokens")
-        decoder = self.model.decoder(N if n else 0)
+        decoder = self.model.decoder(N if n else 0, retention=self.retention)
         slots = decoder.slot_counts(chunk.text_len)
         self.cache.reserve(slots)
         inputs = [torch.from_numpy(a) for a in chunk.feeds().values()]
@@ -63,7 +68,7 @@ class TorchEngine(Engine):
         for l, s in enumerate(slots):
             for dst, src in zip(self.cache.tail(l, s), out[1 + 3 * l: 4 + 3 * l]):
                 self._tensor(dst).copy_(src)
-        self.cache.advance(live_lengths(self.config, chunk))
+        self.cache.advance(live_lengths(self.config, chunk, self.retention))
         self._position += chunk.length
         return out[0][0].float().numpy()
 

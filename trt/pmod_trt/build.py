@@ -179,7 +179,8 @@ def build_engines(onnx_dir, out_dir, precision: str = "fp32", workspace_gb: floa
         EngineManifest(
             tensorrt_version=str(trt.__version__), gpu=gpu, precision=precision, dtype=export.dtype,
             max_vision_tokens=export.max_vision_tokens, max_context=export.max_context,
-            capacities=export.capacities, layer_ratios=export.layer_ratios, kv=export.kv, config=export.config,
+            capacities=export.capacities, layer_ratios=export.layer_ratios, retention=export.retention, kv=export.kv,
+            config=export.config,
             engines={g: engines[g] for g in graphs},
             build={"strongly_typed": plan.strongly_typed, "flag": plan.flag, "workspace_gb": workspace_gb,
                    "timing_cache": TIMING_CACHE, "tf32": False, "source": str(onnx_dir.resolve())},

@@ -122,15 +122,20 @@ class DeviceKV:
 
 
 class TrtEngine(Engine):
-    def __init__(self, path, dtype: str | None = None, dense: bool = False):
+    def __init__(self, path, dtype: str | None = None, dense: bool = False, retention: float | None = None):
         trt = deps.tensorrt(_WHAT)
         self.path = Path(path)
         m = read_engine_manifest(self.path)
         if dtype is not None and dtype != m.dtype:
             raise PmodError(f"{self.path} holds {m.precision} engines with {m.dtype} inputs and caches; for {dtype} "
                             "re-export and rebuild (or drop --dtype)")
+        if retention is not None and retention != m.retention:
+            raise PmodError(f"{self.path} was built at retention {m.retention:g} (its capacities are static); for "
+                            f"{retention:g} re-export with 'pmod export onnx --retention {retention:g}' and rebuild "
+                            "(or drop --retention)")
         check_compatible(m, self.path, trt.__version__, cuda.gpu_info(_WHAT))
         self.manifest = m
+        self.retention = m.retention
         self.dense = dense  # every chunk through the decode engine: the plain-LLaVA twin, routers unused
         self.max_vision, self.max_context = m.max_vision_tokens, m.max_context
         self.config = dataclasses.replace(m.pmod_config, max_position_embeddings=m.max_context)
@@ -199,7 +204,7 @@ class TrtEngine(Engine):
         self._run(graph, chunk.feeds(), {"logits": logits.ptr}, slots)
         cuda.to_host(self._logits, logits.ptr, self._stream)
         self._stream.synchronize()
-        self.cache.advance(live_lengths(self.config, chunk))
+        self.cache.advance(live_lengths(self.config, chunk, self.retention))
         self._position += chunk.length
         return self._logits[0].copy()
 

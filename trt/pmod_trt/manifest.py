@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pmod.config import FORMAT_VERSION, PmodConfig
 from pmod.errors import PmodError
-from pmod.schedule import capacities
+from pmod.schedule import capacities, check_retention
 
 from .profiles import Profile
 
@@ -65,6 +65,7 @@ class OnnxExport:
     kv: dict
     config: dict
     graphs: dict[str, OnnxGraph]
+    retention: float = 1.0  # the dial its capacities were built at
 
     @property
     def pmod_config(self) -> PmodConfig:
@@ -79,6 +80,14 @@ def _load_json(path: Path, fix: str) -> dict:
     if not isinstance(d, dict):
         raise PmodError(f"{path} is not a JSON object; {fix}")
     return d
+
+
+def _retention(d: dict, path: Path, fix: str) -> float:
+    """The manifest's ``retention`` (absent: 1, the trained schedule)."""
+    try:
+        return check_retention(d.get("retention", 1.0))
+    except PmodError as e:
+        raise PmodError(f"{path}: {e}; {fix}") from None
 
 
 def read_onnx_export(directory) -> OnnxExport:
@@ -106,7 +115,8 @@ def read_onnx_export(directory) -> OnnxExport:
                   for k, v in d["graphs"].items()}
         m = OnnxExport(path=directory, dtype=str(d["dtype"]), max_vision_tokens=int(d["max_vision_tokens"]),
                        max_context=int(d["max_context"]), capacities=[int(c) for c in d["capacities"]],
-                       layer_ratios=list(d["layer_ratios"]), kv=dict(d["kv"]), config=dict(d["config"]), graphs=graphs)
+                       layer_ratios=list(d["layer_ratios"]), kv=dict(d["kv"]), config=dict(d["config"]), graphs=graphs,
+                       retention=_retention(d, path, _REEXPORT))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PmodError(f"{path} lacks or mangles {e}; {_REEXPORT}") from None
     unknown = sorted(set(m.graphs) - set(GRAPHS))
@@ -114,10 +124,10 @@ def read_onnx_export(directory) -> OnnxExport:
     if unknown or missing:
         what = f"unknown graph {unknown[0]!r}" if unknown else f"graph '{missing[0]}' is missing"
         raise PmodError(f"{path}: {what}; {_REEXPORT}")
-    want = capacities(m.pmod_config, m.max_vision_tokens)
+    want = capacities(m.pmod_config, m.max_vision_tokens, m.retention)
     if m.capacities != want:
         raise PmodError(f"{path}: capacities {m.capacities} do not match the schedule of its config for "
-                        f"N = {m.max_vision_tokens} ({want}); {_REEXPORT}")
+                        f"N = {m.max_vision_tokens} at retention {m.retention:g} ({want}); {_REEXPORT}")
     for name, g in m.graphs.items():
         for f in (g.file, g.external_data):
             if f and not (directory / f).is_file():
@@ -159,6 +169,7 @@ class EngineManifest:
     engines: dict[str, EngineSpec]
     build: dict = field(default_factory=dict)  # strongly_typed, workspace_gb, timing_cache, source
     pmod_format_version: int = FORMAT_VERSION
+    retention: float = 1.0  # the export's
 
     @property
     def pmod_config(self) -> PmodConfig:
@@ -168,7 +179,8 @@ class EngineManifest:
         d = {"format": TRT_FORMAT, "manifest_version": TRT_VERSION, "pmod_format_version": self.pmod_format_version,
              "tensorrt_version": self.tensorrt_version, "gpu": dict(self.gpu), "precision": self.precision,
              "dtype": self.dtype, "max_vision_tokens": self.max_vision_tokens, "max_context": self.max_context,
-             "capacities": list(self.capacities), "layer_ratios": list(self.layer_ratios), "kv": dict(self.kv),
+             "capacities": list(self.capacities), "layer_ratios": list(self.layer_ratios),
+             "retention": self.retention, "kv": dict(self.kv),
              "config": dict(self.config), "build": dict(self.build),
              "engines": {k: v.to_dict() for k, v in self.engines.items()}}
         return d
@@ -204,16 +216,17 @@ def read_engine_manifest(directory) -> EngineManifest:
             precision=str(d["precision"]), dtype=str(d["dtype"]), max_vision_tokens=int(d["max_vision_tokens"]),
             max_context=int(d["max_context"]), capacities=[int(c) for c in d["capacities"]],
             layer_ratios=list(d["layer_ratios"]), kv=dict(d["kv"]), config=dict(d["config"]),
-            engines={str(k): EngineSpec.from_dict(v) for k, v in d["engines"].items()}, build=dict(d.get("build", {})))
+            engines={str(k): EngineSpec.from_dict(v) for k, v in d["engines"].items()}, build=dict(d.get("build", {})),
+            retention=_retention(d, path, _REBUILD))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PmodError(f"{path} lacks or mangles {e}; {_REBUILD}") from None
     missing = [g for g in ("embed", "decode") + (("prefill",) if m.max_vision_tokens else ()) if g not in m.engines]
     if missing:
         raise PmodError(f"{path}: engine '{missing[0]}' is missing; {_REBUILD}")
-    want = capacities(m.pmod_config, m.max_vision_tokens)
+    want = capacities(m.pmod_config, m.max_vision_tokens, m.retention)
     if m.capacities != want:
         raise PmodError(f"{path}: capacities {m.capacities} do not match the schedule of its config for "
-                        f"N = {m.max_vision_tokens} ({want}); {_REBUILD}")
+                        f"N = {m.max_vision_tokens} at retention {m.retention:g} ({want}); {_REBUILD}")
     for name, e in m.engines.items():
         if not (directory / e.file).is_file():
             raise PmodError(f"{directory / e.file} is missing (engine '{name}' in {MANIFEST}); {_REBUILD}")

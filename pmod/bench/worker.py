@@ -1,0 +1,205 @@
+"""One (backend, mode) of ``pmod bench``, measured in its own interpreter.
+
+``python -m pmod.bench --worker SPEC`` (SPEC is JSON from the parent): MLX (with the
+OpenBLAS it loads into the global symbol scope) and torch cannot share a process safely,
+and a process of its own makes the peak resident memory that of one backend and mode.
+For each vision count: one warm-up, then ``repeat`` passes of reset, prefill, greedy
+decode; results go to stdout as :mod:`pmod.bench.processes` messages.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PmodError
+from ..flops import kv_bytes, prefill_flops
+from .presets import SEED
+from .processes import emit
+from .profile import PROFILED, profile_prefill
+
+
+def _dtype_name(backend: str, engine) -> str:
+    if backend in ("onnx", "trt"):
+        return engine.np_dtype.name
+    return str(engine.dtype).rsplit(".", 1)[-1]  # mlx.core.float32, torch.float32
+
+
+def _device(backend: str, engine) -> str:
+    if backend == "mlx":
+        import mlx.core as mx
+
+        return "metal" if mx.metal.is_available() else "cpu"
+    return {"torch": "cpu", "trt": "cuda"}.get(backend) or engine.device
+
+
+def _best_seconds(fn, min_time: float) -> float:
+    """Fastest of repeated calls after a warm-up, repeating until ``min_time`` has passed."""
+    fn()
+    best, spent = float("inf"), 0.0
+    while spent < min_time or best == float("inf"):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+    return best
+
+
+def _matmul(backend: str, engine, n: int):
+    """A call that runs one float32 ``n x n`` matmul on the backend's device and waits for it."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    if backend == "mlx":
+        import mlx.core as mx
+
+        xa, xb = mx.array(a), mx.array(b)
+        mx.eval(xa, xb)
+        return lambda: mx.eval(xa @ xb)
+    if backend == "torch":
+        import torch
+
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        return lambda: torch.mm(ta, tb)
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    spec = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul", spec[:2], spec[2:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 8)  # what every ONNX Runtime pmod supports reads
+    sess = ort.InferenceSession(model.SerializeToString(), providers=engine.sessions["decode"].get_providers())
+    device = engine.device
+    binding = sess.io_binding()
+    for name, arr in (("A", a), ("B", b)):
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, device, 0))
+    binding.bind_output("C", device)
+    return lambda: sess.run_with_iobinding(binding)
+
+
+def matmul_peak(backend: str, engine) -> dict | None:
+    """The backend's best float32 matmul GFLOP/s on this machine (square sizes from 512 up)."""
+    if backend == "trt":
+        return None  # TensorRT runs whole engines only; no single-matmul probe here
+    best = None
+    for n in (512, 1024, 2048, 4096, 8192):
+        sec = _best_seconds(_matmul(backend, engine, n), min_time=0.1)
+        gflops = 2 * n**3 / sec / 1e9
+        if best is None or gflops > best["gflops"]:
+            best = dict(gflops=gflops, size=n, dtype="float32")
+        if 8 * sec > 1.0:  # the next size would take over a second per call
+            break
+    return best
+
+
+def _reset_peak() -> None:
+    """Reset this process's resident-memory high-water mark (Linux); elsewhere it only grows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def make_prompt(engine, n_vision: int, n_text: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings ``[T, H]`` and vision mask of a prompt laid out as a real one: the first
+    quarter of the (random) text tokens, the vision block (random rows at the scale of the
+    token embeddings), then the rest of the text."""
+    rng = np.random.default_rng([seed, n_vision, n_text])
+    H = engine.config.hidden_size
+    text = engine.embed(rng.integers(0, engine.config.vocab_size, n_text)) if n_text else np.zeros((0, H), np.float32)
+    scale = float(text.std()) if n_text else 0.0
+    vision = ((scale or 1.0) * rng.standard_normal((n_vision, H))).astype(np.float32)
+    lead = n_text // 4
+    mask = np.zeros(n_vision + n_text, dtype=bool)
+    mask[lead:lead + n_vision] = True
+    return np.concatenate([text[:lead], vision, text[lead:]]), mask
+
+
+def _one_pass(engine, emb, mask, n_decode: int) -> tuple[float, float, int]:
+    """Prefill then greedy decode from an empty context: (prefill s, decode s, KV bytes after the prefill)."""
+    engine.reset()
+    t0 = time.perf_counter()
+    logits = engine.prefill(inputs_embeds=emb, vision_mask=mask)
+    t1 = time.perf_counter()
+    held = engine.kv_bytes()
+    t2 = time.perf_counter()
+    for _ in range(n_decode):
+        logits = engine.decode(int(np.argmax(logits)))
+    return t1 - t0, time.perf_counter() - t2, held
+
+
+def run_worker(spec: dict) -> None:
+    """Measure one (backend, mode) over the vision counts of ``spec``; results go to stdout."""
+    backend, mode = spec["backend"], spec["mode"]
+    if backend == "mlx":
+        import pmod_mlx  # noqa: F401  (its BLAS before mlx.core)
+    elif backend == "torch":
+        from pmod_export import torch_loader  # noqa: F401  (torch with its own BLAS)
+    from ..engine import open_engine
+
+    eager = backend in ("mlx", "torch")  # exports carry their own dtype and retention
+    retention = spec["retention"]
+    engine = open_engine(spec["path"], backend=backend, dtype=spec["dtype"] if eager else None,
+                         dense=mode == "dense", retention=retention if eager else None)
+    config, dense = engine.config, mode == "dense"
+    kv_dtype = _dtype_name(backend, engine)
+    info = dict(device=_device(backend, engine), dtype=spec["dtype"] or kv_dtype, kv_dtype=kv_dtype, blas=None)
+    if backend == "mlx":
+        from pmod_mlx.blas import blas_info
+
+        info["blas"] = blas_info()
+    emit(info=info)
+    n_text, n_decode = spec["text"], spec["decode"]
+    for n in spec["vision"]:
+        emb, mask = make_prompt(engine, n, n_text, spec["seed"])
+        _reset_peak()
+        _one_pass(engine, emb, mask, n_decode)  # warm-up
+        passes = [_one_pass(engine, emb, mask, n_decode) for _ in range(spec["repeat"])]
+        prefill = [p[0] for p in passes]
+        median = statistics.median(prefill)
+        flops = prefill_flops(config, n, n_text, dense=dense, retention=retention)
+        decode_s = statistics.median(p[1] for p in passes)
+        emit(row=dict(
+            backend=backend, mode=mode, vision_tokens=n, text_tokens=n_text,
+            prefill_s=dict(median=median, min=min(prefill), max=max(prefill)),
+            decode_tok_s=n_decode / decode_s if n_decode and decode_s > 0 else None,
+            kv_bytes=int(passes[-1][2]), kv_bytes_analytic=kv_bytes(config, n, n_text, dense, kv_dtype, retention),
+            peak_mem_bytes=_peak_rss(), prefill_flops=flops["total"], gflops=flops["total"] / median / 1e9))
+        if spec["profile"] and backend in PROFILED:
+            prof = profile_prefill(backend, engine, emb, mask, spec["repeat"])
+            for layer, fl in zip(prof["layers"], flops["layers"]):
+                layer.update(layer=fl["layer"], mod=fl["ratio"] is not None, tokens=fl["tokens"])
+            emit(profile=dict(backend=backend, mode=mode, vision_tokens=n, text_tokens=n_text, **prof))
+    if spec["peak"]:
+        emit(peak=matmul_peak(backend, engine))
+
+
+def worker_main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "--worker":
+        print("usage: python -m pmod.bench --worker SPEC_JSON (started by 'pmod bench')", file=sys.stderr)
+        return 2
+    try:
+        run_worker(json.loads(argv[1]))
+    except PmodError as e:
+        emit(error=str(e))
+        return 2
+    return 0
