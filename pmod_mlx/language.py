@@ -117,11 +117,36 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v, rope.positions.reshape(-1))
-        # Cached positions all precede the chunk's and both are in increasing order, so
-        # "key position <= query position" is the bottom-right aligned causal mask.
-        mask = "causal" if T > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = causal_attention(q, k, v, self.scale)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+#: Query block of ``causal_attention`` on the CPU.
+CPU_QUERY_BLOCK = 256
+
+
+def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Attention of a chunk's queries ``[B, h, T, D]`` over keys ``[B, kv, S, D]`` (``S >= T``:
+    the cache, then the chunk) with the bottom-right aligned causal mask: cached positions all
+    precede the chunk's and both are in increasing order, so "key position <= query position"
+    is that mask.
+
+    MLX's CPU backend computes the masked attention as the full ``T x S`` score matrix,
+    softmax included, and its elementwise ops are slow there; in query blocks, the keys past
+    a block's last query are never scored, which about halves the work of a long prefill.
+    Metal's fused kernel needs no such help."""
+    T, S = q.shape[2], k.shape[2]
+    if T == 1:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    if T <= CPU_QUERY_BLOCK or mx.default_device() != mx.cpu:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+    outs = []
+    for start in range(0, T, CPU_QUERY_BLOCK):
+        end = min(start + CPU_QUERY_BLOCK, T)
+        keys = S - T + end
+        outs.append(mx.fast.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :keys], v[:, :, :keys],
+                                                         scale=scale, mask="causal"))
+    return mx.concatenate(outs, axis=2)
 
 
 class MLP(nn.Module):
