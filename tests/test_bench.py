@@ -206,3 +206,19 @@ def test_embedded_preset_without_the_model_is_one_line(cache, capsys):
     assert main(["bench", "--preset", "embedded"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "embedded default model is missing" in lines[0]
+
+
+def test_profile_compares_kernels_with_their_twins_where_metal_runs(monkeypatch):
+    pytest.importorskip("pmod_mlx")
+    from pmod.bench.worker import _kernel_settings
+    from pmod_mlx import kernels
+
+    assert list(_kernel_settings("torch", "pmod")) == [None]
+    assert list(_kernel_settings("mlx", "dense")) == [None]
+    monkeypatch.setattr(kernels, "enabled", lambda: False)  # no Metal: nothing to switch
+    assert list(_kernel_settings("mlx", "pmod")) == [None]
+    monkeypatch.setattr(kernels, "enabled", lambda: True)  # as on a Mac
+    seen = []
+    for setting in _kernel_settings("mlx", "pmod"):
+        seen.append((setting, kernels._enabled))
+    assert seen == [(True, True), (False, False)] and kernels._enabled  # switched back on afterwards

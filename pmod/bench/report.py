@@ -71,7 +71,9 @@ def format_profile(doc: dict) -> str:
     """Per-layer times at the largest vision count, dense next to p-MoD split into sections."""
     out = []
     for b in doc["backends"]:
-        entries = {(p["mode"], p["vision_tokens"]): p for p in doc["profile"] if p["backend"] == b}
+        entries = {(p["mode"], p["vision_tokens"]): p for p in doc["profile"]
+                   if p["backend"] == b and p.get("kernels") is not False}
+        twins = {p["vision_tokens"]: p for p in doc["profile"] if p["backend"] == b and p.get("kernels") is False}
         if not entries:
             out.append(f"per-layer profile: {b}: not available ({' and '.join(PROFILED)} only)")
             continue
@@ -95,8 +97,14 @@ def format_profile(doc: dict) -> str:
         out += ["  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
                 for r in rows]
         routing = sum(x["route_s"] + x["merge_s"] for x in pmod["layers"] if x["mod"])
-        out.append(f"routing overhead (route + merge of the MoD layers): {fmt_ms(routing)} ms, "
+        with_kernels = " with the Metal kernels" if pmod.get("kernels") else ""
+        out.append(f"routing overhead (route + merge of the MoD layers){with_kernels}: {fmt_ms(routing)} ms, "
                    f"{100 * routing / pmod['prefill_s']:.1f}% of the p-MoD prefill")
+        if n in twins:
+            t = twins[n]
+            twin = sum(x["route_s"] + x["merge_s"] for x in t["layers"] if x["mod"])
+            out.append(f"  the same with the kernels' MLX twins: {fmt_ms(twin)} ms, "
+                       f"{100 * twin / t['prefill_s']:.1f}% of that prefill")
     return "\n".join(out)
 
 

@@ -57,7 +57,8 @@ SCHEMA = _t("object", required=["schema", "machine", "versions", "config", "back
     "results": _t("array", items=_ROW),
     "profile": _t("array", items=_t("object", required=["backend", "mode", "vision_tokens", "text_tokens",
                                                         "prefill_s", "rest_s", "layers"],
-                                    properties={"layers": _t("array", items=_LAYER)})),
+                                    properties={"layers": _t("array", items=_LAYER),
+                                                "kernels": _t(["boolean", "null"])})),
 })
 
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),

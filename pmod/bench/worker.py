@@ -147,6 +147,26 @@ def _one_pass(engine, emb, mask, n_decode: int) -> tuple[float, float, int]:
     return t1 - t0, time.perf_counter() - t2, held
 
 
+def _kernel_settings(backend: str, mode: str):
+    """Profile settings of the MoD kernels: where MLX has Metal, a p-MoD profile runs with the
+    kernels (``pmod_mlx.kernels``) and again with their MLX twins, to show what they save;
+    elsewhere once, with what runs (``None``: no kernels to switch)."""
+    if backend != "mlx" or mode != "pmod":
+        yield None
+        return
+    from pmod_mlx import kernels
+
+    if not kernels.enabled():
+        yield None
+        return
+    try:
+        yield True
+        kernels.set_enabled(False)
+        yield False
+    finally:
+        kernels.set_enabled(True)
+
+
 def run_worker(spec: dict) -> None:
     """Measure one (backend, mode) over the vision counts of ``spec``; results go to stdout."""
     backend, mode = spec["backend"], spec["mode"]
@@ -185,10 +205,12 @@ def run_worker(spec: dict) -> None:
             kv_bytes=int(passes[-1][2]), kv_bytes_analytic=kv_bytes(config, n, n_text, dense, kv_dtype, retention),
             peak_mem_bytes=_peak_rss(), prefill_flops=flops["total"], gflops=flops["total"] / median / 1e9))
         if spec["profile"] and backend in PROFILED:
-            prof = profile_prefill(backend, engine, emb, mask, spec["repeat"])
-            for layer, fl in zip(prof["layers"], flops["layers"]):
-                layer.update(layer=fl["layer"], mod=fl["ratio"] is not None, tokens=fl["tokens"])
-            emit(profile=dict(backend=backend, mode=mode, vision_tokens=n, text_tokens=n_text, **prof))
+            for kernels in _kernel_settings(backend, mode):
+                prof = profile_prefill(backend, engine, emb, mask, spec["repeat"])
+                for layer, fl in zip(prof["layers"], flops["layers"]):
+                    layer.update(layer=fl["layer"], mod=fl["ratio"] is not None, tokens=fl["tokens"])
+                emit(profile=dict(backend=backend, mode=mode, vision_tokens=n, text_tokens=n_text,
+                                  kernels=kernels, **prof))
     if spec["peak"]:
         emit(peak=matmul_peak(backend, engine))
 
