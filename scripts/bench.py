@@ -5,7 +5,7 @@
     python scripts/bench.py --from-json bench.json --readme README.md       # rewrites README's table
 
 Arguments other than the two below go to ``pmod bench`` unchanged (its own table, progress
-and notes still appear). ``--readme FILE`` replaces the text between ``<!-- bench -->`` and
+and notes still appear; its ``--json OUT`` is kept). ``--readme FILE`` replaces the text between ``<!-- bench -->`` and
 ``<!-- /bench -->`` in FILE with the table; without it the table goes to stdout.
 """
 
@@ -36,8 +36,9 @@ def markdown(doc: dict) -> str:
     lines = [f"{what}{retention_note(cfg)}, {cfg['text_tokens']} text tokens, {cfg['decode_tokens']} decode steps, "
              f"median of {cfg['repeat']}; {m['cpu'] or m['machine']} ({m['cpu_count']} CPUs); {versions}.", "",
              "| backend | vision tokens | prefill dense (ms) | prefill p-MoD (ms) | speedup | decode dense (tok/s) "
-             "| decode p-MoD (tok/s) | KV dense | KV p-MoD | p-MoD GFLOP/s (% of matmul peak) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| decode p-MoD (tok/s) | KV dense | KV p-MoD | peak mem dense | peak mem p-MoD "
+             "| p-MoD GFLOP/s (% of matmul peak) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = {(r["backend"], r["mode"], r["vision_tokens"]): r for r in doc["results"]}
     up = speedups(doc)
     for (b, n), s in up.items():
@@ -47,7 +48,7 @@ def markdown(doc: dict) -> str:
         tok = lambda r: "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"  # noqa: E731
         lines.append(f"| {b} | {n} | {fmt_ms(d['prefill_s']['median'])} | {fmt_ms(p['prefill_s']['median'])} "
                      f"| {s:.2f}x | {tok(d)} | {tok(p)} | {fmt_bytes(d['kv_bytes'])} | {fmt_bytes(p['kv_bytes'])} "
-                     f"| {p['gflops']:.1f}{share} |")
+                     f"| {fmt_bytes(d['peak_mem_bytes'])} | {fmt_bytes(p['peak_mem_bytes'])} | {p['gflops']:.1f}{share} |")
     return "\n".join(lines)
 
 
@@ -78,7 +79,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"scripts/bench.py: {args.from_json} is not JSON ({e})") from None
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "bench.json"
+            # pmod bench's own --json, when given, is kept; else a temporary file
+            out = Path(bench_args[bench_args.index("--json") + 1]) if "--json" in bench_args[:-1] else None
+            out = out or Path(tmp) / "bench.json"
             rc = pmod_main(["bench", *bench_args, "--json", str(out)])
             if rc:
                 return rc

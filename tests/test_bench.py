@@ -162,6 +162,32 @@ def test_retention_changes_the_kv_held_as_counted(run, cache, tmp_path, capsys):
             assert r["kv_bytes"] < trained[(b, mode)]
 
 
+def test_readme_table_from_the_json(run, tmp_path):
+    """scripts/bench.py turns the JSON into one Markdown row per (backend, vision count) and
+    writes it between the README markers, leaving the rest of the file alone."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench import BEGIN, END, main as bench_main
+
+    doc = run[3]
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\nold table\n{END}\noutro\n")
+    assert bench_main(["--from-json", str(src), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{BEGIN}\n") and text.endswith(f"{END}\noutro\n") and "old table" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| backend")]
+    assert len(rows) == len(INSTALLED) * len(VISION)
+    prefill = {(r["backend"], r["mode"], r["vision_tokens"]): r["prefill_s"]["median"] for r in doc["results"]}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        b, n = cells[0], int(cells[1])
+        assert float(cells[4].rstrip("x")) == pytest.approx(prefill[(b, "dense", n)] / prefill[(b, "pmod", n)], abs=0.006)
+        assert len(cells) == 12
+
+
 @pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed")
 def test_plot_is_a_png(run):
     from PIL import Image

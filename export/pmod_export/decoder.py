@@ -121,9 +121,18 @@ class Attention(nn.Module):
         values = torch.cat([past_v, v], dim=1)
         key_pos = torch.cat([past_pos, pos], dim=1)  # [1, P+S]
         key_live = torch.cat([torch.ones_like(past_pos, dtype=torch.bool), live], dim=1)
+        allowed = (key_pos.unsqueeze(1) <= pos.unsqueeze(2)) & key_live.unsqueeze(1)  # [1, S, P+S]
+        if not exporting():
+            # Eager: torch's fused attention (about 4x the matmul-softmax-matmul below on a
+            # CPU). A dead query slot may see every key, so that no row is empty; its output
+            # is discarded. Live slots always see themselves.
+            mask = (allowed | ~live.unsqueeze(2)).unsqueeze(1)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys.transpose(1, 2).repeat_interleave(g, dim=1),
+                values.transpose(1, 2).repeat_interleave(g, dim=1), attn_mask=mask)
+            return self.o_proj(out.transpose(1, 2).reshape(1, -1, self.n_heads * D)), k, v
         qh = (q * D**-0.5).reshape(1, -1, nkv, g, D).permute(0, 2, 3, 1, 4)  # [1, nkv, g, S, D]
         scores = torch.matmul(qh, keys.permute(0, 2, 3, 1).unsqueeze(2)).float()  # [1, nkv, g, S, P+S]
-        allowed = (key_pos.unsqueeze(1) <= pos.unsqueeze(2)) & key_live.unsqueeze(1)  # [1, S, P+S]
         # A finite floor, not -inf: a dead slot with no allowed key gets uniform weights, not NaN.
         scores = torch.where(allowed[:, None, None], scores, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(x.dtype)
@@ -227,7 +236,11 @@ def scatter_slots(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> tor
 
     The int64 cast is the last op before the scatter, so the exporter's Cast can be dropped
     (``pmod_export.onnx_export.narrow_index_casts``): ScatterElements takes int32 indices.
+    Eagerly the rows are written in place, saving a copy of ``x``: the caller passes a
+    temporary.
     """
+    if not exporting():
+        return x.index_copy_(1, idx[0].long(), rows)
     index = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]).long()
     return x.scatter(1, index, rows)
 
