@@ -5,8 +5,9 @@
     python scripts/bench.py --from-json bench.json --readme README.md       # rewrites README's table
 
 Arguments other than the two below go to ``pmod bench`` unchanged (its own table, progress
-and notes still appear; its ``--json OUT`` is kept). ``--readme FILE`` replaces the text between ``<!-- bench -->`` and
-``<!-- /bench -->`` in FILE with the table; without it the table goes to stdout.
+and notes still appear; its ``--json OUT`` is kept). ``--readme FILE`` replaces the text
+between ``<!-- bench -->`` and ``<!-- /bench -->`` in FILE with the table; without it the
+table goes to stdout.
 """
 
 from __future__ import annotations
