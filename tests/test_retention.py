@@ -94,16 +94,21 @@ def test_bad_retention_flags(capsys):
             assert "--retention" in line and "must be a number > 0" in line, line
 
 
+def assert_default_is_one(path, emb, vm, **engine_args):
+    """Retention left out and retention 1.0 give the same logits and kept positions."""
+    default = pmod.open_engine(path, **engine_args)
+    one = pmod.open_engine(path, retention=1.0, **engine_args)
+    assert np.array_equal(default.prefill(inputs_embeds=emb, vision_mask=vm),
+                          one.prefill(inputs_embeds=emb, vision_mask=vm))
+    assert all(np.array_equal(a, b) for a, b in zip(default.kept_positions(), one.kept_positions()))
+
+
 # ----------------------------------------------------------------------------- MLX
 def test_mlx_dial(model):
     pytest.importorskip("pmod_mlx")
     config, tensors, path = model
     emb, vm = prompt(tensors)
-    default = pmod.open_engine(path, dtype="float32")
-    one = pmod.open_engine(path, dtype="float32", retention=1.0)
-    assert np.array_equal(default.prefill(inputs_embeds=emb, vision_mask=vm),
-                          one.prefill(inputs_embeds=emb, vision_mask=vm))
-    assert all(np.array_equal(a, b) for a, b in zip(default.kept_positions(), one.kept_positions()))
+    assert_default_is_one(path, emb, vm, dtype="float32")
     vision = set(np.flatnonzero(vm).tolist())
     for s in SETTINGS:
         e = pmod.open_engine(path, dtype="float32", retention=s)
@@ -127,11 +132,7 @@ def test_torch_dial_matches_mlx(model):
     _torch()
     config, tensors, path = model
     emb, vm = prompt(tensors)
-    default = pmod.open_engine(path, backend="torch")
-    one = pmod.open_engine(path, backend="torch", retention=1.0)
-    assert np.array_equal(default.prefill(inputs_embeds=emb, vision_mask=vm),
-                          one.prefill(inputs_embeds=emb, vision_mask=vm))
-    assert all(np.array_equal(a, b) for a, b in zip(default.kept_positions(), one.kept_positions()))
+    assert_default_is_one(path, emb, vm, backend="torch")
     pytest.importorskip("pmod_mlx")
     for s in SETTINGS:
         e = pmod.open_engine(path, backend="torch", retention=s, max_vision_tokens=N_VISION + 4)

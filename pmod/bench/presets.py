@@ -11,7 +11,7 @@ from ..config import FORMAT_VERSION, PmodConfig
 from ..errors import PmodError
 from ..flops import _PMOD_KEYS, PRESETS as FLOPS_PRESETS
 from .cache import cache_root, digest
-from .processes import note
+from .processes import note, proc_kib
 
 SEED = 0  # of the preset weights and of the benchmark prompts
 
@@ -41,16 +41,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _check_room_for_7b(config: PmodConfig, cached: bool, run_dtype: str | None) -> None:
     """Refuse ``next-7b`` before building or loading it when this machine lacks the memory."""
     from ..format import expected_tensors
@@ -58,7 +48,7 @@ def _check_room_for_7b(config: PmodConfig, cached: bool, run_dtype: str | None) 
     params = sum(int(np.prod(s)) for s in expected_tensors(config).values())
     run = params * (2 if run_dtype in ("float16", "bfloat16") else 4)
     need = int(1.15 * max(run, 0 if cached else 4 * params))  # building holds float32 weights
-    avail = _available_memory()
+    avail = proc_kib("/proc/meminfo", "MemAvailable")
     if avail is not None and avail < need:
         what = "to run it" if cached else "to build (float32) and run it"
         raise PmodError(f"--preset next-7b needs about {need / 2**30:.0f} GiB of free memory {what}; "

@@ -20,6 +20,17 @@ from ..errors import PmodError
 MARK = "@@pmod-bench "
 
 
+def proc_kib(file: str, key: str) -> int | None:
+    """Bytes of a ``key:  N kB`` line of a Linux ``/proc`` file; None where there is none."""
+    try:
+        for line in Path(file).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def note(msg: str) -> None:
     print(f"pmod bench: {msg}", file=sys.stderr, flush=True)
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import PmodError
 from ..flops import kv_bytes, prefill_flops
 from .presets import SEED
-from .processes import emit
+from .processes import emit, proc_kib
 from .profile import PROFILED, profile_prefill
 
 
@@ -105,12 +105,9 @@ def _reset_peak() -> None:
 
 
 def _peak_rss() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_kib("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:
