@@ -10,12 +10,16 @@ a float16 pmod checkpoint.
 Two stages, as LLaVA builds on a pretrained vision tower:
 
 1. *Vision pretraining* (``--vision-minutes``): the ViT alone learns dense scene labels
-   the generator knows for free: per patch, the colour and shape of the object covering
-   it and whether an object's centre lies in it (small linear heads on the features the
-   projector reads). A patch label is far cheaper to learn from than a one-word answer
-   behind a 12-layer decoder, and the ViT step costs a fifth of the full model's.
+   the generator knows for free (small linear heads on the features the projector reads):
+   per patch, the colour and shape of the object covering it, its side of the image and
+   whether an object's centre lies in it; per image, from the mean of the patch features,
+   how many objects of each colour, shape and pair there are and the side of each one
+   that is unique (the facts the count, existence and position questions ask for, where
+   a decoder head that spreads its attention over the image reads them). A label is far
+   cheaper to learn from than a one-word answer behind a 12-layer decoder, and the ViT
+   step costs a fifth of the full model's.
 2. *Instruction tuning* (the rest of ``--minutes``): the whole model, routers included,
-   on multi-turn question answering (loss on the answers), with the patch labels kept as
+   on multi-turn question answering (loss on the answers), with the scene labels kept as
    an auxiliary loss so the tower keeps what it learned.
 
 The label heads are not part of the checkpoint. ``--workers 2`` (default) trains data
@@ -85,6 +89,7 @@ def train_tokenizer(directory: Path, seed: int) -> None:
     corpus = [prompt.SYSTEM, "USER: ASSISTANT:", " ".join(shapes.vocabulary())]
     for s in shapes.make_samples("train", 3000, seed=seed, questions_per_image=3):
         corpus.extend(f"{q} {a}" for _, q, a in s.qa)
+        corpus.append("\n" + s.qa[0][1])  # a first question follows "<image>\n"
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
@@ -100,6 +105,33 @@ def train_tokenizer(directory: Path, seed: int) -> None:
 # ------------------------------------------------------------------------------ patch labels
 
 
+def side(scene: shapes.Scene, c: float) -> int:
+    """1 left/top, 2 right/bottom, 3 too close to the middle to say (as the position questions judge it)."""
+    half, gap = scene.size / 2, shapes.POSITION_GAP * scene.size
+    return 3 if abs(c - half) < gap else 1 if c < half else 2
+
+
+#: What the scene labels describe: every colour, every shape and every (colour, shape) pair.
+KINDS = ([(c, None) for c in COLOUR_NAMES] + [(None, k) for k in SHAPE_NAMES]
+         + [(c, k) for c in COLOUR_NAMES for k in SHAPE_NAMES])
+MAX_COUNT = len(shapes.NUMBERS) - 1
+
+
+def scene_labels(scene: shapes.Scene) -> np.ndarray:
+    """``[1 + 3 * len(KINDS)]`` int32, the facts the questions ask about, for heads on the
+    mean of the patch features: how many objects; per kind (a colour, a shape or a pair),
+    how many objects of it, and the side across and down (as in ``patch_labels``) of the
+    only one, 0 when there is not exactly one."""
+    objs = scene.objects
+    counts, across, down = [], [], []
+    for colour, kind in KINDS:
+        match = [o for o in objs if colour in (None, o.colour) and kind in (None, o.shape)]
+        counts.append(len(match))
+        across.append(side(scene, match[0].cx) if len(match) == 1 else 0)
+        down.append(side(scene, match[0].cy) if len(match) == 1 else 0)
+    return np.array([len(objs)] + counts + across + down, np.int32)
+
+
 def patch_labels(scene: shapes.Scene) -> np.ndarray:
     """``[5, GRID*GRID]`` int32, patches in the tower's row-major order. For the object
     covering at least a fifth of the patch (0 = background everywhere): its colour and
@@ -109,13 +141,8 @@ def patch_labels(scene: shapes.Scene) -> np.ndarray:
     m = shapes.label_map(scene).reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
     cover = np.stack([(m == i + 1).mean(axis=1) for i in range(len(scene.objects))], axis=1)
     best, has = cover.argmax(axis=1), cover.max(axis=1) >= 0.2
-    half, gap = scene.size / 2, shapes.POSITION_GAP * scene.size
-
-    def side(c):
-        return 3 if abs(c - half) < gap else 1 if c < half else 2
-
-    per_object = np.array([[COLOUR_NAMES.index(o.colour) + 1, SHAPE_NAMES.index(o.shape) + 1, side(o.cx), side(o.cy)]
-                           for o in scene.objects])
+    per_object = np.array([[COLOUR_NAMES.index(o.colour) + 1, SHAPE_NAMES.index(o.shape) + 1,
+                            side(scene, o.cx), side(scene, o.cy)] for o in scene.objects])
     labels = np.where(has[:, None], per_object[best], 0).T
     centre = np.zeros(GRID * GRID, np.int32)
     for o in scene.objects:
@@ -124,19 +151,24 @@ def patch_labels(scene: shapes.Scene) -> np.ndarray:
 
 
 class LabelHeads(nn.Module):
-    """Linear probes from the tower's features to the patch labels (training only)."""
+    """Linear probes from the tower's features to the patch labels, and from their mean over
+    the image to the scene labels (training only). The mean is what a decoder head that
+    spreads its attention over the image tokens reads, so the scene heads teach the tower to
+    write each object's colour, shape, count and side where a plain average keeps them."""
 
     def __init__(self, dims: int):
         super().__init__()
+        self.count = nn.Linear(dims, (1 + len(KINDS)) * (MAX_COUNT + 1))
+        self.sides = nn.Linear(dims, 2 * len(KINDS) * 4)
         self.colour = nn.Linear(dims, 1 + len(COLOUR_NAMES))
         self.shape = nn.Linear(dims, 1 + len(SHAPE_NAMES))
         self.centre = nn.Linear(dims, 2)
         self.across = nn.Linear(dims, 4)
         self.down = nn.Linear(dims, 4)
 
-    def loss(self, features: mx.array, labels: mx.array) -> mx.array:
-        """Sum of the five cross-entropies; on shape and sides, object patches weigh 4x (they
-        are the minority)."""
+    def loss(self, features: mx.array, labels: mx.array, scene: mx.array) -> mx.array:
+        """Sum of the five patch cross-entropies (on shape and sides, object patches weigh 4x:
+        they are the minority) and the two scene ones (counts, sides)."""
         ce = nn.losses.cross_entropy
         on_object = (labels[:, 1] > 0).astype(mx.float32) * 3 + 1
 
@@ -144,7 +176,15 @@ class LabelHeads(nn.Module):
             return (ce(head(features), labels[:, i], reduction="none") * on_object).sum() / on_object.sum()
 
         return (ce(self.colour(features), labels[:, 0]).mean() + weighted(self.shape, 1)
-                + ce(self.centre(features), labels[:, 2]).mean() + weighted(self.across, 3) + weighted(self.down, 4))
+                + ce(self.centre(features), labels[:, 2]).mean() + weighted(self.across, 3) + weighted(self.down, 4)
+                + self.scene_loss(features.mean(axis=1), scene))
+
+    def scene_loss(self, pooled: mx.array, scene: mx.array) -> mx.array:
+        B, n = pooled.shape[0], 1 + len(KINDS)
+        counts = self.count(pooled).reshape(B, n, MAX_COUNT + 1)
+        sides = self.sides(pooled).reshape(B, 2 * len(KINDS), 4)
+        ce = nn.losses.cross_entropy
+        return ce(counts, scene[:, :n]).mean() + ce(sides, scene[:, n:]).mean()
 
 
 class Trainee(nn.Module):
@@ -153,34 +193,36 @@ class Trainee(nn.Module):
         self.model, self.heads = model, heads
 
 
-def full_loss(t: Trainee, batch, labels: mx.array, aux_weight: float) -> mx.array:
+def full_loss(t: Trainee, batch, labels: mx.array, scene: mx.array, aux_weight: float) -> mx.array:
     m = t.model
     features = m.vision_tower(batch.pixel_values)
     logits = m.language_model(inputs_embeds=input_embeddings(m, batch, m.projector(features)),
                               vision_mask=batch.vision_mask)
-    return answer_loss(logits, batch) + aux_weight * t.heads.loss(features, labels)
+    return answer_loss(logits, batch) + aux_weight * t.heads.loss(features, labels, scene)
 
 
 # ------------------------------------------------------------------------------ data
 
 
 def vision_batch(config, processor, start: int, n: int, seed: int):
-    pixels, labels = [], []
+    pixels, labels, scene = [], [], []
     for s in itertools.islice(shapes.iter_samples("train-vision", seed=seed, start=start, questions_per_image=1), n):
         pixels.append(preprocess(s.image, config, processor).pixel_values)
         labels.append(patch_labels(s.scene))
-    return mx.array(np.concatenate(pixels)), mx.array(np.stack(labels))
+        scene.append(scene_labels(s.scene))
+    return mx.array(np.concatenate(pixels)), mx.array(np.stack(labels)), mx.array(np.stack(scene))
 
 
 def qa_batch(tokenizer, config, processor, split: str, start: int, n: int, seed: int, qpi: int):
-    examples, labels = [], []
+    examples, labels, scene = [], [], []
     for s in itertools.islice(shapes.iter_samples(split, seed=seed, start=start, questions_per_image=qpi), n):
         msgs = []
         for i, (_, q, a) in enumerate(s.qa):
             msgs += [prompt.Message("user", q, 1 if i == 0 else 0), prompt.Message("assistant", a)]
         examples.append(make_example(tokenizer, msgs, [s.image], config, processor))
         labels.append(patch_labels(s.scene))
-    return collate(examples, config.mod_target_token_type), mx.array(np.stack(labels))
+        scene.append(scene_labels(s.scene))
+    return collate(examples, config.mod_target_token_type), mx.array(np.stack(labels)), mx.array(np.stack(scene))
 
 
 # ------------------------------------------------------------------------------ training
@@ -256,7 +298,7 @@ def train(group, work: str, args) -> dict | None:
 
     # stage 1: the vision tower on patch labels
     vb = args.vision_batch_size
-    val_px, val_labels = vision_batch(config, processor, 10**7, 128, args.seed)  # far past the training stream
+    val_px, val_labels, val_scene = vision_batch(config, processor, 10**7, 128, args.seed)  # far past the training stream
 
     class Vision(nn.Module):  # the tower and the heads: what stage 1 trains
         def __init__(self):
@@ -268,14 +310,19 @@ def train(group, work: str, args) -> dict | None:
         obj = val_labels[:, 1] > 0
         acc = {k: ((mx.argmax(getattr(heads, k)(f), -1) == val_labels[:, i]) & obj).sum().item() / obj.sum().item()
                for i, k in ((0, "colour"), (1, "shape"), (3, "across"), (4, "down"))}
-        return "object patches: " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items())
+        n = 1 + len(KINDS)
+        counts = mx.argmax(heads.count(f.mean(axis=1)).reshape(f.shape[0], n, -1), -1) == val_scene[:, :n]
+        sides = mx.argmax(heads.sides(f.mean(axis=1)).reshape(f.shape[0], 2 * len(KINDS), -1), -1) == val_scene[:, n:]
+        return ("object patches: " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items())
+                + f"; images: count {counts[:, 0].mean().item():.1%}  all counts {counts.all(1).mean().item():.1%}"
+                + f"  all sides {sides.all(1).mean().item():.1%}")
 
     stage1 = Vision()
     vision_losses = []
     t_vision = time.perf_counter()
     steps1 = run_stage(
         group, "vision", stage1,
-        lambda s, px, lab: s.heads.loss(s.tower(px), lab),
+        lambda s, px, lab, scene: s.heads.loss(s.tower(px), lab, scene),
         lambda step, g: vision_batch(config, processor, step * vb + g.shard(range(vb)).start,
                                      len(g.shard(range(vb))), args.seed),
         args, args.vision_minutes * 60, args.vision_steps, args.vision_learning_rate, 30,
@@ -284,7 +331,7 @@ def train(group, work: str, args) -> dict | None:
 
     # stage 2: everything on question answering (+ the patch labels)
     bs = args.batch_size
-    val, val_lab = qa_batch(tokenizer, config, processor, "valid", 0, args.val_size, args.seed, 1)
+    val, _, _ = qa_batch(tokenizer, config, processor, "valid", 0, args.val_size, args.seed, 1)
     history, losses = [], []
 
     def qa_eval(step):
@@ -294,7 +341,7 @@ def train(group, work: str, args) -> dict | None:
 
     steps2 = run_stage(
         group, "qa", trainee,
-        lambda t, batch, lab: full_loss(t, batch, lab, args.aux_weight),
+        lambda t, batch, lab, scene: full_loss(t, batch, lab, scene, args.aux_weight),
         lambda step, g: qa_batch(tokenizer, config, processor, "train", step * bs + g.shard(range(bs)).start,
                                  len(g.shard(range(bs))), args.seed, args.questions_per_image),
         args, max(budget - (time.perf_counter() - start), 60.0), args.steps, args.learning_rate, args.warmup,
@@ -332,7 +379,7 @@ def main(argv=None) -> int:
     p.add_argument("--questions-per-image", type=int, default=6)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--vision-learning-rate", type=float, default=2e-3)
-    p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the patch-label loss in stage 2")
+    p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the label losses in stage 2")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation checks")
     p.add_argument("--val-size", type=int, default=128)
