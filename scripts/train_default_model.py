@@ -310,9 +310,9 @@ def train(group, work: str, args) -> dict | None:
         obj = val_labels[:, 1] > 0
         acc = {k: ((mx.argmax(getattr(heads, k)(f), -1) == val_labels[:, i]) & obj).sum().item() / obj.sum().item()
                for i, k in ((0, "colour"), (1, "shape"), (3, "across"), (4, "down"))}
-        n = 1 + len(KINDS)
-        counts = mx.argmax(heads.count(f.mean(axis=1)).reshape(f.shape[0], n, -1), -1) == val_scene[:, :n]
-        sides = mx.argmax(heads.sides(f.mean(axis=1)).reshape(f.shape[0], 2 * len(KINDS), -1), -1) == val_scene[:, n:]
+        n, pooled = 1 + len(KINDS), f.mean(axis=1)
+        counts = mx.argmax(heads.count(pooled).reshape(f.shape[0], n, -1), -1) == val_scene[:, :n]
+        sides = mx.argmax(heads.sides(pooled).reshape(f.shape[0], 2 * len(KINDS), -1), -1) == val_scene[:, n:]
         return ("object patches: " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items())
                 + f"; images: count {counts[:, 0].mean().item():.1%}  all counts {counts.all(1).mean().item():.1%}"
                 + f"  all sides {sides.all(1).mean().item():.1%}")
