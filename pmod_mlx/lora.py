@@ -280,7 +280,7 @@ class Trainer:
         return collate(examples, self.config.mod_target_token_type)
 
     def evaluate(self, limit: int | None = None) -> tuple[float, float]:
-        """(token-weighted loss, exact-match accuracy) over the validation batches."""
+        """(token-weighted loss, share of rows whose every reply is right) over the validation batches."""
         from pmod.lora_data import eval_batches
 
         limit = self.args.val_batches if limit is None else limit
@@ -354,7 +354,7 @@ class Trainer:
         if self.data.valid and a.val_batches != 0 and self.step == 0:
             val_loss, val_acc = self.evaluate()
             history.append({"step": 0, "val_loss": val_loss, "val_accuracy": val_acc})
-            self.log(f"step 0: validation loss {val_loss:.3f}, accuracy {100 * val_acc:.1f}%")
+            self.log(f"step 0: validation loss {val_loss:.3f}, rows right {100 * val_acc:.1f}%")
         bar = tqdm(total=a.iters, initial=self.step, unit="it", dynamic_ncols=True, disable=not self.progress,
                    file=sys.stderr)
         t0 = time.perf_counter()
@@ -402,7 +402,7 @@ class Trainer:
                     te = time.perf_counter()
                     val_loss, val_acc = self.evaluate()
                     history.append({"step": self.step, "val_loss": val_loss, "val_accuracy": val_acc})
-                    msg = (f"step {self.step}: validation loss {val_loss:.3f}, accuracy {100 * val_acc:.1f}% "
+                    msg = (f"step {self.step}: validation loss {val_loss:.3f}, rows right {100 * val_acc:.1f}% "
                            f"({time.perf_counter() - te:.1f} s)")
                     if self.progress:
                         bar.write(msg, file=sys.stderr)

@@ -4,8 +4,8 @@
     python scripts/bench.py --preset next-proxy --backend mlx,torch,onnx     # runs pmod bench
     python scripts/bench.py --from-json bench.json --readme README.md       # rewrites README's table
 
-Arguments other than the two below go to ``pmod bench`` unchanged (its own table, progress
-and notes still appear; its ``--json OUT`` is kept). ``--readme FILE`` replaces the text
+Arguments other than the three below go to ``pmod bench`` unchanged (its own table, progress
+and notes still appear). ``--json OUT`` keeps pmod bench's JSON. ``--readme FILE`` replaces the text
 between ``<!-- bench -->`` and ``<!-- /bench -->`` in FILE with the table; without it the
 table goes to stdout.
 """
@@ -71,6 +71,7 @@ def replace_block(path: Path, table: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--from-json", metavar="FILE", help="a 'pmod bench --json' file instead of a new run")
+    p.add_argument("--json", metavar="OUT", help="keep pmod bench's JSON here (default: a temporary file)")
     p.add_argument("--readme", metavar="FILE", help=f"replace the {BEGIN} block of FILE with the table")
     args, bench_args = p.parse_known_args(argv)
     if args.from_json:
@@ -80,9 +81,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"scripts/bench.py: {args.from_json} is not JSON ({e})") from None
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            # pmod bench's own --json, when given, is kept; else a temporary file
-            out = Path(bench_args[bench_args.index("--json") + 1]) if "--json" in bench_args[:-1] else None
-            out = out or Path(tmp) / "bench.json"
+            out = Path(args.json) if args.json else Path(tmp) / "bench.json"
             rc = pmod_main(["bench", *bench_args, "--json", str(out)])
             if rc:
                 return rc

@@ -189,7 +189,8 @@ def main(argv=None) -> int:
     print(f"peak memory: training {result.get('peak_memory_gb', float('nan')):.2f} GB (MLX), "
           f"process max RSS {rss:.2f} GB")
     print(f"final validation: loss {result.get('val_loss') or float('nan'):.3f}, "
-          f"answer accuracy (teacher-forced) {100 * (result.get('val_accuracy') or 0):.1f}%")
+          f"rows with every reply right (teacher-forced; a multi-turn row needs all its replies) "
+          f"{100 * (result.get('val_accuracy') or 0):.1f}%")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "task": args.task, "model": str(model), "adapter": str(adapter), "lora": cfg,
