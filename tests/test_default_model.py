@@ -147,3 +147,37 @@ def test_exported_embedded_model_answers_like_mlx(tmp_path):
             assert answers["onnx"] == answers["mlx"], q
             asked += 1
     assert asked >= 10
+
+
+def test_text_scene_holds_the_answers():
+    """The decoder probe's --text-scene is fair only if the words hold the answers: each position
+    question's answer is the side written after the one object the question names."""
+    from decoder_probe import scene_text
+    from pmod import shapes
+
+    checked = 0
+    for s in shapes.make_samples("train", 80, seed=7, questions_per_image=6):
+        objects = [d.split() for d in scene_text(s.scene).rstrip(". ").split(", ")]
+        assert len(objects) == len(s.scene.objects)
+        for _, q, a in (qa for qa in s.qa if qa[0] == "position"):
+            words = q.rstrip("?.").split()
+            colour = next((c for c in shapes.COLOURS if c in words), None)
+            shape = next((k for k in shapes.SHAPES if k in words), None)
+            named = [o for o in objects if colour in (None, o[0]) and shape in (None, o[1])]
+            assert len({tuple(o) for o in named}) == 1 and a in named[0][2:], (q, a, objects)
+            checked += 1
+    assert checked >= 80
+
+
+@shipped
+def test_decoder_probe_reports_accuracy_per_type(tmp_path, capsys):
+    from decoder_probe import main as probe
+
+    assert probe(["--text-scene", "--workers", "1", "--steps", "2", "--layers", "2", "--batch-size", "2",
+                  "--questions-per-image", "2", "--val-size", "8", "--eval-every", "1"]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "probe step 2" in ln]
+    assert lines and "accuracy" in lines[0] and "%" in lines[0]
+    for bad in (["--types", "colour,size"], ["--model", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            probe(bad)
+        assert "error:" in capsys.readouterr().err

@@ -1,0 +1,143 @@
+"""How fast does a fresh decoder learn the shapes task? A diagnostic for the embedded model.
+
+Trains a fresh decoder and projector (seeded random weights, the shipped model's shape)
+on the shapes questions, on top of the embedded model's vision tower, frozen, and prints
+held-out accuracy per question type as it goes. With ``--text-scene`` the image is
+replaced by the scene written out in words, object by object, with the side of the image
+it is on as the position questions judge it ("orange triangle left top, purple diamond
+right middle. is there a star?"): the decoder's own learning speed, with no vision in
+the way. The training loop is ``train_default_model``'s.
+
+    python scripts/decoder_probe.py --types existence --steps 200 --eval-every 25
+    python scripts/decoder_probe.py --text-scene --steps 3000 --eval-every 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+import train_default_model as tdm  # noqa: E402  (imports pmod_mlx before mlx)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+from pmod import prompt, shapes  # noqa: E402
+from pmod.errors import PmodError  # noqa: E402
+from pmod.format import expected_tensors, load_numpy  # noqa: E402
+from pmod.image import ImageProcessorConfig  # noqa: E402
+from pmod.init import random_weights  # noqa: E402
+from pmod.models import resolve_model  # noqa: E402
+from pmod_mlx.model import Model  # noqa: E402
+from pmod_mlx.parallel import launch  # noqa: E402
+from pmod_mlx.train import collate, input_embeddings, make_example, answer_loss  # noqa: E402
+from pmod_mlx.vision import sanitize  # noqa: E402
+
+
+def scene_text(scene: shapes.Scene) -> str:
+    across = ("left", "right", "middle")
+    down = ("top", "bottom", "middle")
+    return ", ".join(f"{o.colour} {o.shape} {across[tdm.side(scene, o.cx) - 1]} {down[tdm.side(scene, o.cy) - 1]}"
+                     for o in scene.objects) + ". "
+
+
+def batch(tokenizer, config, processor, split: str, start: int, n: int, args, qpi: int):
+    """A collated batch and each row's question types."""
+    examples, kinds = [], []
+    for s in itertools.islice(shapes.iter_samples(split, seed=args.seed, start=start, questions_per_image=qpi,
+                                                  types=args.types), n):
+        msgs = []
+        for i, (_, q, a) in enumerate(s.qa):
+            first = i == 0
+            text = scene_text(s.scene) + q if first and args.text_scene else q
+            msgs += [prompt.Message("user", text, int(first and not args.text_scene)), prompt.Message("assistant", a)]
+        examples.append(make_example(tokenizer, msgs, [] if args.text_scene else [s.image], config, processor))
+        kinds.append(s.qa[0][0])
+    return collate(examples, config.mod_target_token_type), kinds
+
+
+def probe(group, model_dir: str, args) -> None:
+    from transformers import AutoTokenizer
+
+    mx.random.seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = tdm.model_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config.num_hidden_layers = args.layers
+    processor = ImageProcessorConfig.for_model(config)
+    model = Model(config)
+    weights = random_weights(config, seed=args.seed)
+    _, shipped = load_numpy(model_dir)
+    rng = np.random.default_rng(args.seed + 1)
+    for k in weights:
+        if k.startswith("vision_tower"):
+            weights[k] = shipped[k].astype(np.float32)
+        elif args.qk_std and k.endswith(("q_proj.weight", "k_proj.weight")):
+            weights[k] = rng.normal(0.0, args.qk_std, weights[k].shape).astype(np.float32)
+    model.load_weights(list(sanitize({k: mx.array(v) for k, v in weights.items()}).items()), strict=True)
+    model.vision_tower.freeze()
+    mx.eval(model.parameters())
+    if group.rank == 0:
+        val, val_kinds = batch(tokenizer, config, processor, "valid", 0, args.val_size, args, 1)
+        val_kinds = np.array(val_kinds)
+
+    def loss(m, b):
+        return answer_loss(m.language_model(inputs_embeds=input_embeddings(m, b), vision_mask=b.vision_mask), b)
+
+    def evaluate(step):
+        logits = model.language_model(inputs_embeds=input_embeddings(model, val), vision_mask=val.vision_mask)
+        ok = np.array(mx.all((mx.argmax(logits, -1) == val.targets) | (val.weights == 0), axis=1))
+        return f"accuracy {ok.mean():.1%}: " + "  ".join(
+            f"{k} {ok[val_kinds == k].mean():.0%}" for k in sorted(set(val_kinds)))
+
+    bs = args.batch_size
+    tdm.run_stage(group, "probe", model, loss,
+                  lambda step, g: batch(tokenizer, config, processor, "train", step * bs + g.shard(range(bs)).start,
+                                        len(g.shard(range(bs))), args, args.questions_per_image)[:1],
+                  args, 0.0, args.steps, args.learning_rate, args.warmup, evaluate=evaluate)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a checkpoint shaped like the embedded model, whose vision tower and tokenizer "
+                                   "are used (default: the embedded model)")
+    p.add_argument("--types", default=",".join(shapes.QUESTION_TYPES), help="question types, comma separated")
+    p.add_argument("--text-scene", action="store_true", help="the scene in words instead of the image")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--questions-per-image", type=int, default=6)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--layers", type=int, default=12, help="decoder layers")
+    p.add_argument("--qk-std", type=float, default=0.0,
+                   help="init std of the decoder's q/k projections (default: pmod.init's 0.02)")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--val-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+    args.types = tuple(t for t in args.types.split(",") if t)
+    unknown = set(args.types) - set(shapes.QUESTION_TYPES) - set(shapes.EXTRA_QUESTION_TYPES)
+    if unknown or args.steps < 1 or args.layers < 1:
+        p.error(f"unknown question type(s) {', '.join(sorted(unknown))}" if unknown
+                else "--steps and --layers must be at least 1")
+    try:
+        model_dir = resolve_model(args.model)
+        config, tensors = load_numpy(model_dir)
+    except PmodError as e:
+        p.error(str(e))
+    want = expected_tensors(tdm.model_config(config.vocab_size, config.bos_token_id, config.eos_token_id))
+    bad = [k for k, shape in want.items() if k.startswith("vision_tower") and tensors.get(k, np.empty(0)).shape != shape]
+    if bad:
+        p.error(f"{model_dir} has not the embedded model's vision tower ({bad[0]}); "
+                "give a checkpoint written by scripts/train_default_model.py")
+    launch(args.workers, probe, str(model_dir), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
