@@ -25,7 +25,6 @@ import numpy as np  # noqa: E402
 
 import train_default_model as tdm  # noqa: E402  (imports pmod_mlx before mlx)
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 
 from pmod import prompt, shapes  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
