@@ -1,8 +1,15 @@
 """Seeded random weights for any config: training from scratch and benchmark presets.
 
-GPT-2/LLaMA-style initialisation: normal(0, 0.02) matrices, output projections of the
-residual branches scaled by 1/sqrt(2 * layers), norms at 1, biases at 0, routers at 0
-(the official ``mod_special_init``: every vision weight starts at ``w = bias`` = 1).
+The vision tower starts as GPT-2/CLIP usually do: normal(0, 0.02) matrices. The decoder
+and the projector start at unit scale: every matrix normal(0, 1/sqrt(fan_in)), token
+embeddings normal(0, 1). The 0.02 convention is that value for a width of ~2500; in a
+narrow decoder (the embedded model's is 128 wide) it shrinks every signal by about four
+per matrix, so attention starts uniform with vanishing query/key gradients and a fresh
+decoder stays at chance for thousands of steps before it learns to look anything up
+(``scripts/decoder_probe.py --std 0.02`` measures the difference). Everywhere: output
+projections of the residual branches scaled by 1/sqrt(2 * layers), norms at 1, biases
+at 0, routers at 0 (the official ``mod_special_init``: every vision weight starts at
+``w = bias`` = 1).
 """
 
 from __future__ import annotations
@@ -13,21 +20,22 @@ from .config import PmodConfig
 from .format import expected_tensors
 
 STD = 0.02
+RESIDUAL_OUT = ("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight")
 
 
 def random_weights(config: PmodConfig, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    n_layers = config.num_hidden_layers + (config.vision_config or {}).get("num_hidden_layers", 0)
     out = {}
     for name, shape in expected_tensors(config).items():
         leaf = name.rsplit(".", 1)[-1]
+        vision = name.startswith("vision_tower.")
+        layers = (config.vision_config or {}).get("num_hidden_layers", 0) if vision else config.num_hidden_layers
         if ".router." in name or leaf == "bias":
             a = np.zeros(shape)
         elif "norm" in name and leaf == "weight":
             a = np.ones(shape)
-        elif name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight")):
-            a = rng.normal(0.0, STD / np.sqrt(2 * n_layers), shape)
         else:
-            a = rng.normal(0.0, STD, shape)
+            std = STD if vision else 1.0 if "embed_tokens" in name else shape[-1] ** -0.5
+            a = rng.normal(0.0, std / np.sqrt(2 * layers) if name.endswith(RESIDUAL_OUT) else std, shape)
         out[name] = a.astype(np.float32)
     return out

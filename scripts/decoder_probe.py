@@ -26,15 +26,15 @@ import numpy as np  # noqa: E402
 import train_default_model as tdm  # noqa: E402  (imports pmod_mlx before mlx)
 import mlx.core as mx  # noqa: E402
 
-from pmod import prompt, shapes  # noqa: E402
+from pmod import shapes  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
 from pmod.format import expected_tensors, load_numpy  # noqa: E402
 from pmod.image import ImageProcessorConfig  # noqa: E402
-from pmod.init import random_weights  # noqa: E402
+from pmod.init import RESIDUAL_OUT, random_weights  # noqa: E402
 from pmod.models import resolve_model  # noqa: E402
 from pmod_mlx.model import Model  # noqa: E402
 from pmod_mlx.parallel import launch  # noqa: E402
-from pmod_mlx.train import collate, input_embeddings, make_example, answer_loss  # noqa: E402
+from pmod_mlx.train import answer_loss, answer_rows_right, collate, input_embeddings, make_example  # noqa: E402
 from pmod_mlx.vision import sanitize  # noqa: E402
 
 
@@ -50,17 +50,18 @@ def batch(tokenizer, config, processor, split: str, start: int, n: int, args, qp
     examples, kinds = [], []
     for s in itertools.islice(shapes.iter_samples(split, seed=args.seed, start=start, questions_per_image=qpi,
                                                   types=args.types), n):
-        msgs = []
-        for i, (_, q, a) in enumerate(s.qa):
-            first = i == 0
-            text = scene_text(s.scene) + q if first and args.text_scene else q
-            msgs += [prompt.Message("user", text, int(first and not args.text_scene)), prompt.Message("assistant", a)]
-        examples.append(make_example(tokenizer, msgs, [] if args.text_scene else [s.image], config, processor))
+        if args.text_scene:
+            examples.append(make_example(tokenizer, tdm.qa_messages(s, scene_text(s.scene), image=False), [],
+                                         config, processor))
+        else:
+            examples.append(make_example(tokenizer, tdm.qa_messages(s), [s.image], config, processor))
         kinds.append(s.qa[0][0])
     return collate(examples, config.mod_target_token_type), kinds
 
 
 def probe(group, model_dir: str, args) -> None:
+    """Seeded fresh decoder and projector (``pmod.init``, or every matrix at ``--std``) on the
+    given checkpoint's vision tower, frozen."""
     from transformers import AutoTokenizer
 
     mx.random.seed(args.seed)
@@ -75,8 +76,9 @@ def probe(group, model_dir: str, args) -> None:
     for k in weights:
         if k.startswith("vision_tower"):
             weights[k] = shipped[k].astype(np.float32)
-        elif args.qk_std and k.endswith(("q_proj.weight", "k_proj.weight")):
-            weights[k] = rng.normal(0.0, args.qk_std, weights[k].shape).astype(np.float32)
+        elif args.std and weights[k].ndim == 2 and ".router." not in k:
+            std = args.std / np.sqrt(2 * args.layers) if k.endswith(RESIDUAL_OUT) else args.std
+            weights[k] = rng.normal(0.0, std, weights[k].shape).astype(np.float32)
     model.load_weights(list(sanitize({k: mx.array(v) for k, v in weights.items()}).items()), strict=True)
     model.vision_tower.freeze()
     mx.eval(model.parameters())
@@ -88,8 +90,7 @@ def probe(group, model_dir: str, args) -> None:
         return answer_loss(m.language_model(inputs_embeds=input_embeddings(m, b), vision_mask=b.vision_mask), b)
 
     def evaluate(step):
-        logits = model.language_model(inputs_embeds=input_embeddings(model, val), vision_mask=val.vision_mask)
-        ok = np.array(mx.all((mx.argmax(logits, -1) == val.targets) | (val.weights == 0), axis=1))
+        ok = answer_rows_right(model, val)
         return f"accuracy {ok.mean():.1%}: " + "  ".join(
             f"{k} {ok[val_kinds == k].mean():.0%}" for k in sorted(set(val_kinds)))
 
@@ -112,8 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--layers", type=int, default=12, help="decoder layers")
-    p.add_argument("--qk-std", type=float, default=0.0,
-                   help="init std of the decoder's q/k projections (default: pmod.init's 0.02)")
+    p.add_argument("--std", type=float, default=0.0,
+                   help="init std of every decoder and projector matrix instead of pmod.init's 1/sqrt(fan_in) "
+                        "(0.02: GPT-2's, which the first embedded models started from)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--val-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

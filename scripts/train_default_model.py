@@ -56,7 +56,7 @@ from pmod.image import ImageProcessorConfig, preprocess
 from pmod.init import random_weights
 from pmod_mlx.model import Model
 from pmod_mlx.parallel import launch
-from pmod_mlx.train import answer_accuracy, answer_loss, collate, input_embeddings, make_example
+from pmod_mlx.train import answer_loss, answer_rows_right, collate, input_embeddings, make_example
 from pmod_mlx.vision import sanitize
 
 IMAGE_SIZE, PATCH = 96, 8  # 12 x 12 = 144 vision tokens per image
@@ -213,13 +213,19 @@ def vision_batch(config, processor, start: int, n: int, seed: int):
     return mx.array(np.concatenate(pixels)), mx.array(np.stack(labels)), mx.array(np.stack(scene))
 
 
+def qa_messages(sample: shapes.Sample, prefix: str = "", image: bool = True) -> list[prompt.Message]:
+    """A sample's questions as one conversation; the image (or ``prefix``) goes with the first."""
+    msgs = []
+    for i, (_, q, a) in enumerate(sample.qa):
+        msgs += [prompt.Message("user", prefix + q if i == 0 else q, int(i == 0 and image)),
+                 prompt.Message("assistant", a)]
+    return msgs
+
+
 def qa_batch(tokenizer, config, processor, split: str, start: int, n: int, seed: int, qpi: int):
     examples, labels, scene = [], [], []
     for s in itertools.islice(shapes.iter_samples(split, seed=seed, start=start, questions_per_image=qpi), n):
-        msgs = []
-        for i, (_, q, a) in enumerate(s.qa):
-            msgs += [prompt.Message("user", q, 1 if i == 0 else 0), prompt.Message("assistant", a)]
-        examples.append(make_example(tokenizer, msgs, [s.image], config, processor))
+        examples.append(make_example(tokenizer, qa_messages(s), [s.image], config, processor))
         labels.append(patch_labels(s.scene))
         scene.append(scene_labels(s.scene))
     return collate(examples, config.mod_target_token_type), mx.array(np.stack(labels)), mx.array(np.stack(scene))
@@ -335,9 +341,9 @@ def train(group, work: str, args) -> dict | None:
     history, losses = [], []
 
     def qa_eval(step):
-        right, n = answer_accuracy(model, val)
-        history.append((step, round(time.perf_counter() - start), right / n))
-        return f"validation accuracy {right / n:.1%}"
+        accuracy = answer_rows_right(model, val).mean()
+        history.append((step, round(time.perf_counter() - start), float(accuracy)))
+        return f"validation accuracy {accuracy:.1%}"
 
     steps2 = run_stage(
         group, "qa", trainee,
@@ -348,10 +354,10 @@ def train(group, work: str, args) -> dict | None:
         evaluate=qa_eval, log=losses)
     if not lead:
         return None
-    right, n = answer_accuracy(model, val)
+    accuracy = float(answer_rows_right(model, val).mean())
     elapsed = time.perf_counter() - start
     print(f"trained {steps1} vision + {steps2} QA steps in {elapsed / 60:.1f} min; "
-          f"validation accuracy {right / n:.1%}", file=sys.stderr)
+          f"validation accuracy {accuracy:.1%}", file=sys.stderr)
     tensors = {k: np.array(v.astype(mx.float32)) for k, v in nn.utils.tree_flatten(model.parameters())}
     c = tensors["vision_tower.embeddings.patch_embedding.weight"]
     tensors["vision_tower.embeddings.patch_embedding.weight"] = c.transpose(0, 3, 1, 2)  # MLX -> torch layout
@@ -361,10 +367,10 @@ def train(group, work: str, args) -> dict | None:
         "vision_steps": steps1, "vision_minutes": round(t_vision / 60, 1), "qa_steps": steps2,
         "minutes": round(elapsed / 60, 1), "workers": group.size, "batch_size": bs,
         "vision_batch_size": vb, "learning_rate": args.learning_rate, "seed": args.seed,
-        "validation_accuracy": right / n, "history": history, "losses": losses,
+        "validation_accuracy": accuracy, "history": history, "losses": losses,
         "vision_losses": vision_losses}, indent=2))
     print(f"wrote {out}", file=sys.stderr)
-    return {"validation_accuracy": right / n}
+    return {"validation_accuracy": accuracy}
 
 
 def main(argv=None) -> int:
