@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-images", type=int, default=3000)
     p.add_argument("--valid-images", type=int, default=200)
     p.add_argument("--questions-per-image", type=int, default=4)
-    p.add_argument("--replay", type=float, default=0.25, help="share of training rows from the original task")
+    p.add_argument("--replay", type=float, default=0.4, help="share of training rows from the original task")
     p.add_argument("--eval-n", type=int, default=300, help="held-out questions per new-task set")
     p.add_argument("--orig-n", type=int, default=500, help="questions of the original test set")
     p.add_argument("--seed", type=int, default=0)
