@@ -23,7 +23,9 @@ STD = 0.02
 RESIDUAL_OUT = ("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight")
 
 
-def random_weights(config: PmodConfig, seed: int = 0) -> dict[str, np.ndarray]:
+def random_weights(config: PmodConfig, seed: int = 0, std: float | None = None) -> dict[str, np.ndarray]:
+    """``std``: every decoder and projector matrix, token embeddings included, at this std
+    instead of unit scale (the residual-out scaling still applies)."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in expected_tensors(config).items():
@@ -35,7 +37,7 @@ def random_weights(config: PmodConfig, seed: int = 0) -> dict[str, np.ndarray]:
         elif "norm" in name and leaf == "weight":
             a = np.ones(shape)
         else:
-            std = STD if vision else 1.0 if "embed_tokens" in name else shape[-1] ** -0.5
-            a = rng.normal(0.0, std / np.sqrt(2 * layers) if name.endswith(RESIDUAL_OUT) else std, shape)
+            s = STD if vision else std or (1.0 if "embed_tokens" in name else shape[-1] ** -0.5)
+            a = rng.normal(0.0, s / np.sqrt(2 * layers) if name.endswith(RESIDUAL_OUT) else s, shape)
         out[name] = a.astype(np.float32)
     return out

@@ -30,7 +30,7 @@ from pmod import shapes  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
 from pmod.format import expected_tensors, load_numpy  # noqa: E402
 from pmod.image import ImageProcessorConfig  # noqa: E402
-from pmod.init import RESIDUAL_OUT, random_weights  # noqa: E402
+from pmod.init import random_weights  # noqa: E402
 from pmod.models import resolve_model  # noqa: E402
 from pmod_mlx.model import Model  # noqa: E402
 from pmod_mlx.parallel import launch  # noqa: E402
@@ -70,15 +70,11 @@ def probe(group, model_dir: str, args) -> None:
     config.num_hidden_layers = args.layers
     processor = ImageProcessorConfig.for_model(config)
     model = Model(config)
-    weights = random_weights(config, seed=args.seed)
+    weights = random_weights(config, seed=args.seed, std=args.std or None)
     _, shipped = load_numpy(model_dir)
-    rng = np.random.default_rng(args.seed + 1)
     for k in weights:
         if k.startswith("vision_tower"):
             weights[k] = shipped[k].astype(np.float32)
-        elif args.std and weights[k].ndim == 2 and ".router." not in k:
-            std = args.std / np.sqrt(2 * args.layers) if k.endswith(RESIDUAL_OUT) else args.std
-            weights[k] = rng.normal(0.0, std, weights[k].shape).astype(np.float32)
     model.load_weights(list(sanitize({k: mx.array(v) for k, v in weights.items()}).items()), strict=True)
     model.vision_tower.freeze()
     mx.eval(model.parameters())

@@ -354,7 +354,7 @@ def train(group, work: str, args) -> dict | None:
         evaluate=qa_eval, log=losses)
     if not lead:
         return None
-    accuracy = float(answer_rows_right(model, val).mean())
+    accuracy = history[-1][2]  # run_stage evaluates after its last step
     elapsed = time.perf_counter() - start
     print(f"trained {steps1} vision + {steps2} QA steps in {elapsed / 60:.1f} min; "
           f"validation accuracy {accuracy:.1%}", file=sys.stderr)
