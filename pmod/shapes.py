@@ -445,6 +445,16 @@ def _refs(scene: Scene, use_colour: bool = True, use_shape: bool = True) -> list
     return out
 
 
+def referent(scene: Scene, question: str) -> Optional[int]:
+    """The index of the one object ``question`` names ("the red star", "the star", "the red
+    object", as the colour, shape and position questions do), or None (counts, existence)."""
+    named = [_refs(scene, **flags) for flags in ({}, {"use_colour": False}, {"use_shape": False})]
+    for i, refs in enumerate(zip(*named)):
+        if any(re.search(rf"\bthe {ref}\b", question) for ref in itertools.chain(*refs)):
+            return i
+    return None
+
+
 def _pick(rng, seq):
     return seq[int(rng.integers(len(seq)))]
 

@@ -34,8 +34,9 @@ from . import kernels
 from .cache import LayerKVCache, make_cache
 
 #: ``pmod bench --profile`` sets a ``pmod.bench.LayerTimer`` here for one prefill: the decoder
-#: then calls it at section boundaries (it evaluates the arrays and reads the clock). None,
-#: as always otherwise, costs one check per section.
+#: then calls it at section boundaries (it evaluates the arrays and reads the clock);
+#: ``scripts/train_default_model.py`` sets one that keeps a layer's input for its binding
+#: loss. None, as always otherwise, costs one check per section.
 PROBE = None
 
 

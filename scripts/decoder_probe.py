@@ -34,7 +34,7 @@ from pmod.init import random_weights  # noqa: E402
 from pmod.models import resolve_model  # noqa: E402
 from pmod_mlx.model import Model  # noqa: E402
 from pmod_mlx.parallel import launch  # noqa: E402
-from pmod_mlx.train import answer_loss, answer_rows_right, collate, input_embeddings, make_example  # noqa: E402
+from pmod_mlx.train import answer_loss, answer_rows_right, collate, make_example  # noqa: E402
 from pmod_mlx.vision import sanitize  # noqa: E402
 
 
@@ -46,17 +46,16 @@ def scene_text(scene: shapes.Scene) -> str:
 
 
 def batch(tokenizer, config, processor, split: str, start: int, n: int, args, qpi: int):
-    """A collated batch and each row's question types."""
-    examples, kinds = [], []
-    for s in itertools.islice(shapes.iter_samples(split, seed=args.seed, start=start, questions_per_image=qpi,
-                                                  types=args.types), n):
-        if args.text_scene:
-            examples.append(make_example(tokenizer, tdm.qa_messages(s, scene_text(s.scene), image=False), [],
-                                         config, processor))
-        else:
-            examples.append(make_example(tokenizer, tdm.qa_messages(s), [s.image], config, processor))
-        kinds.append(s.qa[0][0])
-    return collate(examples, config.mod_target_token_type), kinds
+    """A collated batch, its ``tdm.Binding`` (None for ``--text-scene``) and each row's question types."""
+    stream = shapes.iter_samples(split, seed=args.seed, start=start, questions_per_image=qpi, types=args.types)
+    samples = list(itertools.islice(stream, n))
+    if args.text_scene:
+        examples = [make_example(tokenizer, tdm.qa_messages(s, scene_text(s.scene), image=False), [], config,
+                                 processor) for s in samples]
+    else:
+        examples = [make_example(tokenizer, tdm.qa_messages(s), [s.image], config, processor) for s in samples]
+    collated = collate(examples, config.mod_target_token_type)
+    return collated, None if args.text_scene else tdm.binding(samples, collated), [s.qa[0][0] for s in samples]
 
 
 def probe(group, model_dir: str, args) -> None:
@@ -79,11 +78,15 @@ def probe(group, model_dir: str, args) -> None:
     model.vision_tower.freeze()
     mx.eval(model.parameters())
     if group.rank == 0:
-        val, val_kinds = batch(tokenizer, config, processor, "valid", 0, args.val_size, args, 1)
+        val, _, val_kinds = batch(tokenizer, config, processor, "valid", 0, args.val_size, args, 1)
         val_kinds = np.array(val_kinds)
 
-    def loss(m, b):
-        return answer_loss(m.language_model(inputs_embeds=input_embeddings(m, b), vision_mask=b.vision_mask), b)
+    def loss(m, b, bind):
+        if not args.bind_weight:
+            return answer_loss(tdm.language_logits(m, b), b)
+        caught = tdm.LayerInput(tdm.bind_layer(config))
+        value = answer_loss(tdm.language_logits(m, b, layer_input=caught), b)
+        return value + args.bind_weight * tdm.binding_loss(m, caught.h, b, bind)
 
     def evaluate(step):
         ok = answer_rows_right(model, val)
@@ -93,7 +96,7 @@ def probe(group, model_dir: str, args) -> None:
     bs = args.batch_size
     tdm.run_stage(group, "probe", model, loss,
                   lambda step, g: batch(tokenizer, config, processor, "train", step * bs + g.shard(range(bs)).start,
-                                        len(g.shard(range(bs))), args, args.questions_per_image)[:1],
+                                        len(g.shard(range(bs))), args, args.questions_per_image)[:2],
                   args, 0.0, args.steps, args.learning_rate, args.warmup, evaluate=evaluate)
 
 
@@ -108,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--questions-per-image", type=int, default=6)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--bind-weight", type=float, default=0.0,
+                   help="weight of train_default_model's binding loss (0: the answers alone)")
     p.add_argument("--layers", type=int, default=12, help="decoder layers")
     p.add_argument("--std", type=float, default=0.0,
                    help="init std of every decoder and projector matrix instead of pmod.init's 1/sqrt(fan_in) "
@@ -119,6 +124,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.types = tuple(t for t in args.types.split(",") if t)
     unknown = set(args.types) - set(shapes.QUESTION_TYPES) - set(shapes.EXTRA_QUESTION_TYPES)
+    if args.bind_weight and args.text_scene:
+        p.error("--bind-weight steers attention to image patches; --text-scene has none")
     if unknown or args.steps < 1 or args.layers < 1:
         p.error(f"unknown question type(s) {', '.join(sorted(unknown))}" if unknown
                 else "--steps and --layers must be at least 1")

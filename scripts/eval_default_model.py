@@ -3,7 +3,9 @@
 Each test image gets one question; the answer is generated greedily through the same
 ``Session`` that ``pmod generate`` uses and must match exactly. The same weights then run
 with every layer dense (all vision tokens kept, routers unused). The table also gives the
-analytic TFLOPs and KV-cache entries of the p-MoD prompt against dense.
+analytic TFLOPs and KV-cache entries of the p-MoD prompt against dense, and a second one
+the p-MoD accuracy per type by the number of objects in the image, with how many wrong
+colour, shape and position answers are true of an object the question did not name.
 
     python scripts/eval_default_model.py [--model DIR] [--n 500] [--json OUT]
 """
@@ -26,6 +28,18 @@ from pmod.models import resolve_model
 from pmod.session import Reply, open_session
 
 
+def other_objects_answers(scene: shapes.Scene, question: str) -> set:
+    """What a colour, shape or position question would answer about the objects it does not
+    name: a wrong answer in this set means the model looked at the wrong object."""
+    named = shapes.referent(scene, question)
+    W = scene.size
+    out = set()
+    for i, o in enumerate(scene.objects):
+        if i != named:
+            out |= {o.colour, o.shape, "left" if o.cx < W / 2 else "right", "top" if o.cy < W / 2 else "bottom"}
+    return out
+
+
 def evaluate(model_dir, samples, dense: bool, backend: str = "mlx", dtype=None, adapter_path=None,
              retention: float | None = None) -> dict:
     """Exact-match accuracy per question type; ``retention`` sets the dial (None: as trained)."""
@@ -35,6 +49,8 @@ def evaluate(model_dir, samples, dense: bool, backend: str = "mlx", dtype=None, 
     session = open_session(model_dir, backend=backend, dtype=dtype, retention=retention, **kwargs)
     sampler = Sampler(SamplerArgs(temp=0.0))
     right, total = defaultdict(int), defaultdict(int)
+    by_objects = defaultdict(lambda: [0, 0])  # "type n_objects" -> [right, total]
+    elsewhere = defaultdict(lambda: [0, 0])  # type -> [wrong answers true of another object, wrong answers]
     prompt_tokens = []
     t0 = time.perf_counter()
     desc = "dense" if dense else "p-MoD" if retention is None else f"p-MoD @{retention:g}"
@@ -44,10 +60,17 @@ def evaluate(model_dir, samples, dense: bool, backend: str = "mlx", dtype=None, 
         reply = Reply()
         for _ in session.ask(q, images=[s.image], max_tokens=8, sampler=sampler, reply=reply):
             pass
+        answer = reply.text.strip()
         total[qtype] += 1
-        right[qtype] += reply.text.strip() == a
+        right[qtype] += answer == a
+        cell = by_objects[f"{qtype} {len(s.scene.objects)}"]
+        cell[0], cell[1] = cell[0] + (answer == a), cell[1] + 1
+        if answer != a and qtype in ("colour", "shape", "position"):
+            elsewhere[qtype][0] += answer in other_objects_answers(s.scene, q)
+            elsewhere[qtype][1] += 1
         prompt_tokens.append(reply.stats.prompt_tokens)
-    return {"right": dict(right), "total": dict(total), "seconds": time.perf_counter() - t0,
+    return {"right": dict(right), "total": dict(total), "by_objects": dict(by_objects), "elsewhere": dict(elsewhere),
+            "seconds": time.perf_counter() - t0,
             "prompt_tokens": float(np.mean(prompt_tokens)), "config": session.config}
 
 
@@ -76,7 +99,7 @@ def main(argv=None) -> int:
     rep = report(config, n_vision, n_text)
 
     types = sorted(results["p-MoD"]["total"])
-    head = f"| question type | n | " + " | ".join(f"{name} accuracy" for name, _ in modes) + " |"
+    head = "| question type | n | " + " | ".join(f"{name} accuracy" for name, _ in modes) + " |"
     print(head)
     print("|" + "---|" * (2 + len(modes)))
     for t in types + ["all"]:
@@ -88,6 +111,16 @@ def main(argv=None) -> int:
             cells.append(f"{100 * right / n:.1f}%")
         label = "**all**" if t == "all" else t
         print(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    mod = results["p-MoD"]
+    counts = sorted({int(k.split()[1]) for k in mod["by_objects"]})
+    print("\n| p-MoD by objects in the image | " + " | ".join(str(n) for n in counts)
+          + " | wrong answers true of another object |")
+    print("|" + "---|" * (2 + len(counts)))
+    for t in types:
+        cells = [f"{100 * c[0] / c[1]:.0f}% of {c[1]}" if (c := mod["by_objects"].get(f"{t} {n}")) else "-"
+                 for n in counts]
+        e = mod["elsewhere"].get(t)
+        print(f"| {t} | " + " | ".join(cells) + f" | {f'{e[0]} of {e[1]}' if e else '-'} |")
     print(f"\nprompt: {n_vision} vision + {n_text} text tokens; p-MoD / dense: "
           f"TFLOPs {100 * rep.flops_ratio:.1f}%, KV-cache entries {100 * rep.kv_ratio:.1f}%")
     print("time: " + ", ".join(f"{name} {results[name]['seconds']:.0f} s" for name, _ in modes))

@@ -20,11 +20,13 @@ Two stages, as LLaVA builds on a pretrained vision tower:
    step costs a fifth of the full model's.
 2. *Instruction tuning* (the rest of ``--minutes``): the whole model, routers included,
    on multi-turn question answering (loss on the answers), with the scene labels kept as
-   an auxiliary loss so the tower keeps what it learned.
+   an auxiliary loss so the tower keeps what it learned, and a binding loss
+   (``--bind-weight``) that steers one attention head, from where each answer is
+   predicted, to the object its question names (``binding_loss``).
 
-The label heads are not part of the checkpoint. ``--workers 2`` (default) trains data
-parallel in two processes, which on MLX's CPU backend nearly doubles throughput
-(``pmod_mlx.parallel``).
+The label heads and the binding loss are not part of the checkpoint. ``--workers 2``
+(default) trains data parallel in two processes, which on MLX's CPU backend nearly
+doubles throughput (``pmod_mlx.parallel``).
 
     python scripts/train_default_model.py --out pmod/models/shapes-pmod
 """
@@ -38,6 +40,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,9 @@ from pmod.errors import PmodError
 from pmod.format import save_checkpoint
 from pmod.image import ImageProcessorConfig, preprocess
 from pmod.init import random_weights
+from pmod.schedule import layer_ratios
+from pmod_mlx import language
+from pmod_mlx.language import apply_rope, rope_tables
 from pmod_mlx.model import Model
 from pmod_mlx.parallel import launch
 from pmod_mlx.train import answer_loss, answer_rows_right, collate, input_embeddings, make_example
@@ -132,14 +138,19 @@ def scene_labels(scene: shapes.Scene) -> np.ndarray:
     return np.array([len(objs)] + counts + across + down, np.int32)
 
 
+def patch_cover(scene: shapes.Scene) -> np.ndarray:
+    """``[GRID*GRID, n_objects]``: the fraction of each patch (tower order) each object covers."""
+    m = shapes.label_map(scene).reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
+    return np.stack([(m == i + 1).mean(axis=1) for i in range(len(scene.objects))], axis=1)
+
+
 def patch_labels(scene: shapes.Scene) -> np.ndarray:
     """``[5, GRID*GRID]`` int32, patches in the tower's row-major order. For the object
     covering at least a fifth of the patch (0 = background everywhere): its colour and
     shape class (1 + index in ``shapes.COLOURS`` / ``shapes.SHAPES``), and which side of
     the image its centre is on across and down (1 left/top, 2 right/bottom, 3 too close to
     the middle to say, as the position questions judge it); and 1 where an object's centre lies."""
-    m = shapes.label_map(scene).reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
-    cover = np.stack([(m == i + 1).mean(axis=1) for i in range(len(scene.objects))], axis=1)
+    cover = patch_cover(scene)
     best, has = cover.argmax(axis=1), cover.max(axis=1) >= 0.2
     per_object = np.array([[COLOUR_NAMES.index(o.colour) + 1, SHAPE_NAMES.index(o.shape) + 1,
                             side(scene, o.cx), side(scene, o.cy)] for o in scene.objects])
@@ -193,12 +204,102 @@ class Trainee(nn.Module):
         self.model, self.heads = model, heads
 
 
-def full_loss(t: Trainee, batch, labels: mx.array, scene: mx.array, aux_weight: float) -> mx.array:
+def full_loss(t: Trainee, batch, labels: mx.array, scene: mx.array, bind: Binding, aux_weight: float,
+              bind_weight: float) -> mx.array:
     m = t.model
     features = m.vision_tower(batch.pixel_values)
-    logits = m.language_model(inputs_embeds=input_embeddings(m, batch, m.projector(features)),
-                              vision_mask=batch.vision_mask)
-    return answer_loss(logits, batch) + aux_weight * t.heads.loss(features, labels, scene)
+    caught = LayerInput(bind_layer(m.config))
+    logits = language_logits(m, batch, m.projector(features), caught)
+    return (answer_loss(logits, batch) + aux_weight * t.heads.loss(features, labels, scene)
+            + bind_weight * binding_loss(m, caught.h, batch, bind))
+
+
+# ------------------------------------------------------------------------------ binding
+
+
+@dataclass
+class Binding:
+    """Where a batch's answers should look: per row and question turn, the position that
+    predicts the reply's first token, whether the question names one object, and its patches."""
+
+    query: mx.array  # [B, Q] int32
+    named: mx.array  # [B, Q] float32
+    patches: mx.array  # [B, Q, GRID*GRID] float32
+
+
+def binding(samples: list, batch) -> Binding:
+    """The ``Binding`` of ``batch``, collated from ``samples`` (one conversation each; a turn
+    whose question names no object, a count or existence, is left out of the loss)."""
+    weights = np.array(batch.weights)
+    starts = [np.flatnonzero(np.diff(np.concatenate([[0.0], w])) > 0) for w in weights]
+    Q = max(len(s.qa) for s in samples)
+    query, named = np.zeros((len(samples), Q), np.int32), np.zeros((len(samples), Q), np.float32)
+    patches = np.zeros((len(samples), Q, GRID * GRID), np.float32)
+    for b, (s, turns) in enumerate(zip(samples, starts)):
+        assert len(turns) == len(s.qa), "one reply per question"
+        cover = patch_cover(s.scene)
+        for j, (_, question, _) in enumerate(s.qa):
+            query[b, j] = turns[j]
+            i = shapes.referent(s.scene, question)
+            if i is not None:
+                named[b, j] = 1.0
+                patches[b, j] = cover[:, i] >= min(0.2, cover[:, i].max())
+    return Binding(mx.array(query), mx.array(named), mx.array(patches))
+
+
+class LayerInput:
+    """Keeps the decoder's input to one layer, as ``pmod_mlx.language.PROBE``."""
+
+    def __init__(self, layer: int):
+        self.layer, self.h = layer, None
+
+    def enter(self, i, h) -> None:
+        if i == self.layer:
+            self.h = h
+
+    def mark(self, *_) -> None:
+        pass
+
+
+def bind_layer(config: PmodConfig) -> int:
+    """The last dense layer before the first MoD layer (it sees every vision token): its
+    head 0 is the one steered."""
+    ratios = layer_ratios(config)
+    return next((i for i, r in enumerate(ratios) if r is not None), len(ratios)) - 1
+
+
+def binding_loss(model: Model, h: mx.array, batch, bind: Binding) -> mx.array:
+    """Mean ``-log`` of the attention that head 0 of ``bind_layer`` pays, from the position
+    that predicts an answer, to the patches of the object the question names. Left to the answer
+    loss alone, the small decoder learns to answer "what colour is the star?" with the
+    colour most of the image has: the shortcut a head that attends evenly allows."""
+    lm = model.language_model
+    layer = lm.layers[bind_layer(lm.config)]
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    B, T, _ = x.shape
+    Q, D = bind.query.shape[1], attn.head_dim
+    q = attn.q_proj(mx.take_along_axis(x, bind.query[..., None], axis=1)).reshape(B, Q, attn.n_heads, D)
+    k = attn.k_proj(x).reshape(B, T, attn.n_kv_heads, D)
+    q = apply_rope(q[:, :, 0][:, None], rope_tables(lm.config, bind.query))  # [B, 1, Q, D]
+    k = apply_rope(k[:, :, 0][:, None], rope_tables(lm.config, mx.arange(T)))  # [B, 1, T, D]
+    scores = (q * attn.scale) @ k.swapaxes(-1, -2)
+    causal = mx.arange(T)[None, None, None] <= bind.query[:, None, :, None]
+    p = mx.softmax(mx.where(causal, scores, -1e9), axis=-1)[:, 0]  # [B, Q, T]
+    n = batch.image_pos.shape[1]
+    on_image = mx.take_along_axis(p, mx.broadcast_to(batch.image_pos[:, None], (B, Q, n)), axis=-1)
+    mass = (on_image * bind.patches).sum(-1)
+    return -(mx.log(mass + 1e-6) * bind.named).sum() / mx.maximum(bind.named.sum(), 1.0)
+
+
+def language_logits(model: Model, batch, features: mx.array | None = None, layer_input: LayerInput | None = None):
+    """The decoder's logits for ``batch``; with ``layer_input``, it keeps its layer's input."""
+    language.PROBE = layer_input
+    try:
+        return model.language_model(inputs_embeds=input_embeddings(model, batch, features),
+                                    vision_mask=batch.vision_mask)
+    finally:
+        language.PROBE = None
 
 
 # ------------------------------------------------------------------------------ data
@@ -223,12 +324,11 @@ def qa_messages(sample: shapes.Sample, prefix: str = "", image: bool = True) -> 
 
 
 def qa_batch(tokenizer, config, processor, split: str, start: int, n: int, seed: int, qpi: int):
-    examples, labels, scene = [], [], []
-    for s in itertools.islice(shapes.iter_samples(split, seed=seed, start=start, questions_per_image=qpi), n):
-        examples.append(make_example(tokenizer, qa_messages(s), [s.image], config, processor))
-        labels.append(patch_labels(s.scene))
-        scene.append(scene_labels(s.scene))
-    return collate(examples, config.mod_target_token_type), mx.array(np.stack(labels)), mx.array(np.stack(scene))
+    samples = list(itertools.islice(shapes.iter_samples(split, seed=seed, start=start, questions_per_image=qpi), n))
+    batch = collate([make_example(tokenizer, qa_messages(s), [s.image], config, processor) for s in samples],
+                    config.mod_target_token_type)
+    return (batch, mx.array(np.stack([patch_labels(s.scene) for s in samples])),
+            mx.array(np.stack([scene_labels(s.scene) for s in samples])), binding(samples, batch))
 
 
 # ------------------------------------------------------------------------------ training
@@ -337,7 +437,7 @@ def train(group, work: str, args) -> dict | None:
 
     # stage 2: everything on question answering (+ the patch labels)
     bs = args.batch_size
-    val, _, _ = qa_batch(tokenizer, config, processor, "valid", 0, args.val_size, args.seed, 1)
+    val = qa_batch(tokenizer, config, processor, "valid", 0, args.val_size, args.seed, 1)[0]
     history, losses = [], []
 
     def qa_eval(step):
@@ -347,7 +447,8 @@ def train(group, work: str, args) -> dict | None:
 
     steps2 = run_stage(
         group, "qa", trainee,
-        lambda t, batch, lab, scene: full_loss(t, batch, lab, scene, args.aux_weight),
+        lambda t, batch, lab, scene, bind: full_loss(t, batch, lab, scene, bind, args.aux_weight,
+                                                     args.bind_weight),
         lambda step, g: qa_batch(tokenizer, config, processor, "train", step * bs + g.shard(range(bs)).start,
                                  len(g.shard(range(bs))), args.seed, args.questions_per_image),
         args, max(budget - (time.perf_counter() - start), 60.0), args.steps, args.learning_rate, args.warmup,
@@ -366,7 +467,8 @@ def train(group, work: str, args) -> dict | None:
     (out / "training.json").write_text(json.dumps({
         "vision_steps": steps1, "vision_minutes": round(t_vision / 60, 1), "qa_steps": steps2,
         "minutes": round(elapsed / 60, 1), "workers": group.size, "batch_size": bs,
-        "vision_batch_size": vb, "learning_rate": args.learning_rate, "seed": args.seed,
+        "vision_batch_size": vb, "learning_rate": args.learning_rate, "bind_weight": args.bind_weight,
+        "seed": args.seed,
         "validation_accuracy": accuracy, "history": history, "losses": losses,
         "vision_losses": vision_losses}, indent=2))
     print(f"wrote {out}", file=sys.stderr)
@@ -386,6 +488,8 @@ def main(argv=None) -> int:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--vision-learning-rate", type=float, default=2e-3)
     p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the label losses in stage 2")
+    p.add_argument("--bind-weight", type=float, default=0.3,
+                   help="weight of the loss that steers one head to the object a question names (stage 2)")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation checks")
     p.add_argument("--val-size", type=int, default=128)

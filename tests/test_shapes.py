@@ -16,7 +16,7 @@ from pmod import shapes
 from pmod.errors import PmodError
 from pmod.shapes import (COLOURS, EXTRA_COLOURS, EXTRA_QUESTION_TYPES, EXTRA_SHAPES, NUMBERS,
                          QUESTION_TYPES, SHAPES, Obj, Scene, ask, draw_scene, make_samples,
-                         render, sample_rng, vocabulary)
+                         referent, render, sample_rng, vocabulary)
 
 ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
 ALL_SHAPES = {**SHAPES, **EXTRA_SHAPES}
@@ -203,6 +203,22 @@ def test_answers_follow_from_the_scene(train):
             assert re.fullmatch(r"[a-z]+", a) and q == q.lower()
             n += 1
     assert n >= 3 * len(train) * 0.95
+
+
+def test_referent_is_the_object_the_question_names(train):
+    """Checked against the independent reader: the ref each question form puts after its verb."""
+    forms = {"colour": r"colou?r (?:is|of) " + REF + r"[?.]$", "shape": r"shape (?:is|of) " + REF + r"\?$",
+             "position": r"(?:is|side is) " + REF + r" (?:on|at|near|in)"}
+    named = collections.Counter()
+    for s in train:
+        for qtype, q, _ in s.qa:
+            i = referent(s.scene, q)
+            if qtype in forms:
+                assert s.scene.objects[i] is the(re.search(forms[qtype], q)["ref"], s.scene), q
+                named[qtype] += 1
+            else:
+                assert i is None, q
+    assert min(named.values()) > 100, named
 
 
 def test_extra_types_colours_shapes_follow_from_the_scene():
