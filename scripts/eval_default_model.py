@@ -64,7 +64,8 @@ def evaluate(model_dir, samples, dense: bool, backend: str = "mlx", dtype=None, 
         total[qtype] += 1
         right[qtype] += answer == a
         cell = by_objects[f"{qtype} {len(s.scene.objects)}"]
-        cell[0], cell[1] = cell[0] + (answer == a), cell[1] + 1
+        cell[0] += answer == a
+        cell[1] += 1
         if answer != a and qtype in ("colour", "shape", "position"):
             elsewhere[qtype][0] += answer in other_objects_answers(s.scene, q)
             elsewhere[qtype][1] += 1
