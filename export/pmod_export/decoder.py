@@ -1,40 +1,44 @@
-"""The LLaMA decoder with p-MoD layers in static-capacity form (torch), the graph that is exported.
+"""The LLaMA decoder with p-MoD layers in the static form (torch): the graphs that are exported.
 
 Why a second form of the decoder
 --------------------------------
 The dynamic model (``pmod_mlx.language``) gives a MoD layer ``T - n + k`` tokens, where
-``n`` (vision tokens in the chunk) is data. A TensorRT engine needs shapes that follow
-from input *shapes* only, so this form fixes them with a declared maximum ``N``:
+``n`` (vision tokens in the chunk) is data. An exported graph (TensorRT above all) needs
+shapes that follow from its input *shapes*, so the host hands it the chunk already split
+(:mod:`pmod.static.chunk`) into a **text stream** (the ``Tt`` tokens MoD layers never route)
+and a **vision stream**, each with its RoPE positions; attention is causal by *position*
+(key position <= query position), so slot order never matters. Three forms:
 
-* A chunk arrives already split (``pmod.chunk``) into a **text stream** (the
-  ``Tt`` tokens MoD layers never route, a dynamic dimension) and a **vision stream** of
-  exactly ``N`` slots, the first ``n`` real (in prompt order), the rest padding.
-  Positions come with each stream, so slot order never matters: attention is causal by
-  *position* (key position <= query position), never by slot index.
-* A dense layer runs all ``Tt + N`` slots; padding slots are masked as keys.
-* MoD layer ``l`` ranks the vision slots by router logit (padding at ``PAD_SCORE``) and takes
-  the top ``C_l = pmod.schedule.capacities(config, N, retention)[l]`` (``retention``: the
-  dial the graph is built at, 1 by default) with one TopK whose K is the
-  constant ``C_l``; slot ``j`` of the selection is live iff ``j < k``, ``k =
-  kept_count(n, r_l)`` read from a constant table built with ``pmod.schedule.kept_count``
-  (no ratio arithmetic in the graph, so TensorRT's reduced precision cannot change a
-  count). The layer runs ``Tt + C_l`` slots; dead slots are masked as keys and their
-  outputs replaced by the skip value ``w * x``, so the result is the dynamic model's.
-* Ties: the eager path uses a stable descending sort, the exported TopK is ONNX's
-  (equal values: the lower index first); both keep the lower prompt index, as MLX does.
-  If ``C_l`` exceeds TensorRT's TopK limit the selection is split into TopKs of at most
-  ``TOPK_MAX`` (each masking out what the earlier ones took), which selects the same set
-  in the same order.
+* ``text`` (the ``decode`` graph): every layer a plain layer over the text stream.
+* ``shape`` (the ``prefill`` graph): the vision stream is exactly the ``n`` routed tokens
+  (a dynamic dimension bounded by the export's ``N``). Dense layers run ``Tt + n`` tokens.
+  MoD layer ``l`` ranks the vision tokens by router logit and takes a TopK whose K is the
+  length of a carrier input ``keep_l_s`` that the host sized to ``kept_count(n, r_l)``
+  (``pmod.schedule``): no ratio arithmetic happens in the graph, so reduced precision
+  cannot change a count, and the layer runs ``Tt + k_l`` tokens, all live.
+* ``bucket`` (``prefill_B`` graphs, for targets that want a constant K): ``B`` vision
+  slots, the first ``n`` real (``n_vision``), padding ranked last (``PAD_SCORE``); MoD layer
+  ``l`` takes the constant ``C_l = capacities(config, B)[l]`` and slot ``j`` of the
+  selection is live iff ``j < kept_count(n, r_l)`` (a constant table). Dead slots are masked
+  as keys and their outputs replaced by the skip value; dead rows are zeroed after dense
+  layers, so nothing non-finite can leak from them.
 
-Per layer the graph returns the new KV entries of its ``S_l`` slots (``Tt + N`` or
-``Tt + C_l``) in the order ``[text, vision]``. The live ones always come first (text,
-then the ``n`` real vision slots, or the ``k`` kept ones), so a runtime appends the slots
-and advances the layer's length by ``Tt + k_l``: the cache then holds exactly the kept
-tokens, as in the dynamic model; the dead tail is overwritten by the next chunk.
+A selection above TensorRT's TopK limit is split into stages of at most ``TOPK_STAGE``
+(``pmod.static.contract``), each after setting what the earlier ones took to ``-inf``: the
+same set in the same order. Ties keep the lower prompt index, as MLX does: eagerly through a
+stable sort, in the graph through ONNX TopK's rule.
 
-Layer semantics (as ``pmod_mlx.language``): router logit ``s = router(x)`` (float32),
-weight ``w = scale * f(s) + bias``; kept vision token ``h + w * mlp(norm(h))``, skipped
-vision token ``w * x``, text token a plain layer; original RoPE positions.
+Per layer the graph returns the new KV entries of its ``S_l`` slots in the order ``[text,
+vision]``; the live ones come first, so a runtime keeps ``Tt + k_l`` of them. Layer
+semantics (as ``pmod_mlx.language``): router logit ``s = router(x)`` computed in float32
+(float32 weights, whatever the export dtype), weight ``w = scale * f(s) + bias``; kept vision
+token ``h + w * mlp(norm(h))``, skipped vision token ``w * x``, text token a plain layer.
+
+Attention is written per ``target`` (docs/EXPORT.md): eagerly torch's fused
+``scaled_dot_product_attention``; ``ort`` ONNX Runtime's fused ``com.microsoft``
+``MultiHeadAttention`` with an additive bias; ``trt`` the plain MatMul-Softmax-MatMul in the
+4-D layout TensorRT fuses. The last position's logits come from a Gather at the ArgMax of the
+live positions (a one-hot MatMul would turn an inf anywhere into NaN).
 """
 
 from __future__ import annotations
@@ -48,16 +52,14 @@ import torch.nn.functional as F
 
 from pmod.config import PmodConfig
 from pmod.schedule import capacities, kept_count, layer_ratios
-
-#: TensorRT's TopK limit: "k <= 3840" (TensorRT 10 operator reference, TopK,
-#: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/TopK.html).
-TOPK_MAX = 3840
+from pmod.static.contract import layer_stages, stage_sizes, topk_stages
 
 #: Router score of a padding slot: below every real score, above the -inf that a split
 #: selection gives to what it has already taken (so no slot is ever taken twice).
 PAD_SCORE = float(np.finfo(np.float32).min)
 
 WEIGHT_FNS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "none": lambda s: s}
+FORMS = ("text", "shape", "bucket")
 
 
 def exporting() -> bool:
@@ -96,6 +98,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[1, L, n_kv, D]`` -> ``[1, L, n_kv * groups, D]``, each KV head serving ``groups`` query heads."""
+    if groups == 1:
+        return x
+    return x.unsqueeze(3).expand(-1, -1, -1, groups, -1).flatten(2, 3)
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """ONNX Runtime's ``com.microsoft.MultiHeadAttention`` (query ``[1, S, H*D]``, key/value
+    ``[1, L, H*D]``, additive ``attention_bias`` ``[1, 1, S, L]``); eagerly the same by sdpa.
+
+    The symbolic passes the bias as the fourth input; ``pmod_export.onnx_export`` moves it to
+    the op's sixth slot (``bias`` and ``key_padding_mask`` left empty), which the TorchScript
+    exporter cannot write itself.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, heads: int):
+        S, L = q.shape[1], k.shape[1]
+        split = lambda t, n: t.reshape(1, n, heads, -1).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(q, S), split(k, L), split(v, L), attn_mask=bias)
+        return out.transpose(1, 2).reshape(1, S, -1)
+
+    @staticmethod
+    def symbolic(g, q, k, v, bias, heads: int):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, bias, num_heads_i=heads)
+        out.setType(q.type())
+        return out
+
+
 class Attention(nn.Module):
     def __init__(self, config: PmodConfig):
         super().__init__()
@@ -107,37 +139,34 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.n_kv * D, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
 
-    def forward(self, x, cos, sin, pos, live, past_k, past_v, past_pos):
-        """Attend slots ``x`` ``[1, S, H]`` over the past entries and the live slots.
+    def forward(self, x, cos, sin, pos, live, past_k, past_v, past_pos, target):
+        """Attend slots ``x`` ``[1, S, H]`` over the past entries and themselves.
 
-        ``pos`` int32 ``[1, S]``, ``live`` bool ``[1, S]``; past ``[1, P, n_kv, D]`` and
-        ``[1, P]`` (all live). Returns the output and the slots' post-RoPE K and V.
+        ``pos`` int32 ``[1, S]``; ``live`` bool ``[1, S]`` (None: every slot live); past
+        ``[1, P, n_kv, D]`` and ``[1, P]`` (all live). Returns the output and the slots'
+        post-RoPE K and V.
         """
-        nkv, g, D = self.n_kv, self.n_heads // self.n_kv, self.head_dim
-        q = apply_rope(self.q_proj(x).reshape(1, -1, self.n_heads, D), cos, sin)
+        nh, nkv, D = self.n_heads, self.n_kv, self.head_dim
+        q = apply_rope(self.q_proj(x).reshape(1, -1, nh, D), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(1, -1, nkv, D), cos, sin)
         v = self.v_proj(x).reshape(1, -1, nkv, D)
-        keys = torch.cat([past_k, k], dim=1)  # [1, P+S, nkv, D]
-        values = torch.cat([past_v, v], dim=1)
-        key_pos = torch.cat([past_pos, pos], dim=1)  # [1, P+S]
-        key_live = torch.cat([torch.ones_like(past_pos, dtype=torch.bool), live], dim=1)
-        allowed = (key_pos.unsqueeze(1) <= pos.unsqueeze(2)) & key_live.unsqueeze(1)  # [1, S, P+S]
-        if not exporting():
-            # Eager: torch's fused attention (about 4x the matmul-softmax-matmul below on a
-            # CPU). A dead query slot may see every key, so that no row is empty; its output
-            # is discarded. Live slots always see themselves.
-            mask = (allowed | ~live.unsqueeze(2)).unsqueeze(1)
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys.transpose(1, 2).repeat_interleave(g, dim=1),
-                values.transpose(1, 2).repeat_interleave(g, dim=1), attn_mask=mask)
-            return self.o_proj(out.transpose(1, 2).reshape(1, -1, self.n_heads * D)), k, v
-        qh = (q * D**-0.5).reshape(1, -1, nkv, g, D).permute(0, 2, 3, 1, 4)  # [1, nkv, g, S, D]
-        scores = torch.matmul(qh, keys.permute(0, 2, 3, 1).unsqueeze(2)).float()  # [1, nkv, g, S, P+S]
-        # A finite floor, not -inf: a dead slot with no allowed key gets uniform weights, not NaN.
-        scores = torch.where(allowed[:, None, None], scores, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).to(x.dtype)
-        out = torch.matmul(probs, values.permute(0, 2, 1, 3).unsqueeze(2))  # [1, nkv, g, S, D]
-        out = out.permute(0, 3, 1, 2, 4).reshape(1, -1, self.n_heads * D)
+        keys, values = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)  # [1, P+S, nkv, D]
+        allowed = torch.cat([past_pos, pos], dim=1).unsqueeze(1) <= pos.unsqueeze(2)  # [1, S, P+S]
+        if live is not None:
+            allowed = allowed & torch.cat([torch.ones_like(past_pos, dtype=torch.bool), live], dim=1).unsqueeze(1)
+            allowed = allowed | ~live.unsqueeze(2)  # a dead query sees every key (no empty row); dropped later
+        keys, values = repeat_kv(keys, nh // nkv), repeat_kv(values, nh // nkv)
+        if exporting() and target == "ort":
+            bias = torch.where(allowed, 0.0, torch.finfo(x.dtype).min).to(x.dtype).unsqueeze(1)
+            out = _MultiHeadAttention.apply(q.flatten(2), keys.flatten(2), values.flatten(2), bias, nh)
+        elif exporting():  # trt: [1, heads, S, D] @ [1, heads, D, P+S], float32 softmax
+            bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min).unsqueeze(1)
+            scores = torch.matmul((q * D**-0.5).transpose(1, 2), keys.permute(0, 2, 3, 1)).float() + bias
+            probs = torch.softmax(scores, dim=-1).to(x.dtype)
+            out = torch.matmul(probs, values.transpose(1, 2)).transpose(1, 2).flatten(2)
+        else:  # eager: torch's fused attention
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                                 attn_mask=allowed.unsqueeze(1)).transpose(1, 2).flatten(2)
         return self.o_proj(out), k, v
 
 
@@ -168,14 +197,15 @@ class DecoderLayer(nn.Module):
             kind, self.w_scale, self.w_bias = config.weight_norm
             self.w_fn = WEIGHT_FNS[kind]
 
-    def block(self, x, cos, sin, pos, live, past):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, pos, live, *past)
+    def block(self, x, tables, pos, live, past, target):
+        a, k, v = self.self_attn(self.input_layernorm(x), *tables, pos, live, *past, target)
         h = x + a
         return h, self.mlp(self.post_attention_layernorm(h)), k, v
 
     def route(self, x_v):
-        """Router logits ``s`` (float32) and weights ``w`` ``[1, N]`` of the vision slots."""
-        s = self.router(x_v)[..., 0].float()
+        """Router logits ``s`` and weights ``w`` ``[1, n]`` of the vision slots, in float32 throughout."""
+        r = self.router
+        s = F.linear(x_v.float(), r.weight.float(), None if r.bias is None else r.bias.float())[..., 0]
         return s, self.w_scale * self.w_fn(s) + self.w_bias
 
 
@@ -206,22 +236,22 @@ class Embed(nn.Module):
         return self.embed_tokens.weight[input_ids]
 
 
-def select_top(key: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices int32 ``[1, count]`` of the ``count`` largest entries of ``key`` ``[1, N]``.
+def select_top(key: torch.Tensor, stages: list) -> torch.Tensor:
+    """Indices int32 ``[1, k]`` of the ``k`` largest entries of ``key`` ``[1, n]``, descending, ties
+    in index order; ``stages``: each TopK stage's K, an int or a carrier whose length is K.
 
-    Descending, equal values in index order. Exported as TopKs with constant K of at most
-    ``TOPK_MAX`` each; eagerly a stable sort (``torch.topk`` does not promise the tie order).
-    Entries of ``key`` must be above -inf (padding uses ``PAD_SCORE``).
+    Exported as one TopK per stage, each after setting what the earlier ones took to -inf;
+    eagerly a stable sort (``torch.topk`` does not promise the tie order). Entries of ``key``
+    must be above -inf (padding uses ``PAD_SCORE``).
     """
+    ks = [c if isinstance(c, int) else c.shape[0] for c in stages]
     if not exporting():
-        return torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :count].to(torch.int32)
-    parts, taken = [], 0
-    while taken < count:
-        take = min(count - taken, TOPK_MAX)
-        idx = torch.topk(key, take, dim=-1).indices.to(torch.int32)  # ONNX TopK: ties -> lower index
+        return torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :sum(ks)].to(torch.int32)
+    parts = []
+    for i, k in enumerate(ks):
+        idx = torch.topk(key, k, dim=-1).indices.to(torch.int32)  # ONNX TopK: ties -> lower index
         parts.append(idx)
-        taken += take
-        if taken < count:  # what this stage took cannot be taken again
+        if i + 1 < len(ks):  # what this stage took cannot be taken again
             key = key.scatter(1, idx.long(), float("-inf"))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
@@ -245,97 +275,119 @@ def scatter_slots(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> tor
     return x.scatter(1, index, rows)
 
 
+def last_hidden(h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The row of ``h`` ``[1, S, H]`` at the largest position of ``pos`` ``[1, S]`` (dead slots at -1)."""
+    i = torch.argmax(pos.float(), dim=1).to(torch.int32)  # positions < 2**24: exact in float32
+    return torch.index_select(h, 1, i)
+
+
 class StaticDecoder(nn.Module):
-    """The static-capacity decoder for at most ``max_vision`` routed vision tokens per chunk.
+    """The decoder in one static form (module docstring): ``text``, ``shape`` or ``bucket``.
 
-    ``max_vision = 0`` is the text graph (decode, and chunks without vision tokens): every
-    layer is a plain layer over the text stream.
+    ``size``: for ``shape`` the most routed tokens a chunk may carry (N; it sets how many TopK
+    stages each MoD layer needs; None: one stage each, for eager use without a limit), for
+    ``bucket`` the vision slots ``B``. ``target``: the attention an export writes (``ort`` or
+    ``trt``; eager runs use torch's fused attention whatever it is). ``retention`` scales the
+    MoD ratios (``pmod.schedule``), fixed at build time.
 
-    ``forward(text_embeds, text_positions, [vision_embeds, vision_positions, n_vision],
-    past_key_0, past_value_0, past_positions_0, ...)`` returns ``logits`` float32 ``[1, V]``
-    of the chunk's last position, then per layer ``new_key``, ``new_value`` ``[1, S_l, n_kv,
-    D]`` and ``new_positions`` int32 ``[1, S_l]`` (graph names: docs/EXPORT.md).
+    ``forward(text_embeds, text_positions, [vision_embeds, vision_positions, (keep carriers |
+    n_vision)], past_key_0, past_value_0, past_positions_0, ...)`` returns ``logits`` float32
+    ``[1, V]`` of the chunk's last position, then per layer ``new_key``, ``new_value`` ``[1, S_l,
+    n_kv, D]`` and ``new_positions`` int32 ``[1, S_l]`` (graph names: docs/EXPORT.md).
     """
 
-    def __init__(self, lm: LanguageModel, max_vision: int, max_context: int, retention: float = 1.0):
-        """``retention``: the dial scaling every MoD layer's ratio (``pmod.schedule``), fixed at build time."""
+    def __init__(self, lm: LanguageModel, form: str, size: int | None, max_context: int, retention: float = 1.0,
+                 target: str | None = None):
         super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         config = lm.config
-        self.lm = lm
-        self.N = int(max_vision)
+        self.lm, self.form, self.size, self.target = lm, form, size, target
         self.ratios = layer_ratios(config, retention)
-        self.capacities = capacities(config, self.N, retention)  # C_l: the only place they come from
+        if form == "shape":
+            self.stages = (layer_stages(config, size, retention) if size is not None
+                           else [None if r is None else 1 for r in self.ratios])
+        elif form == "bucket":
+            self.capacities = capacities(config, size, retention)  # C_l at B
+            self.stages = [None if r is None else stage_sizes(c, topk_stages(c))
+                           for r, c in zip(self.ratios, self.capacities)]
         cos, sin = rope_tables(config, max_context)
         dtype = lm.norm.weight.dtype
         self.register_buffer("cos", cos.to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)
-        if self.N:
+        if form == "bucket":
             for l, r in enumerate(self.ratios):
                 if r is not None:
-                    table = [kept_count(n, r) for n in range(self.N + 1)]
+                    table = [kept_count(n, r) for n in range(size + 1)]
                     self.register_buffer(f"kept_{l}", torch.tensor(table, dtype=torch.int32), persistent=False)
-
-    def slot_counts(self, text_len: int) -> list[int]:
-        """``S_l``: KV slots each layer returns for a chunk of ``text_len`` text tokens."""
-        return [text_len + c for c in self.capacities]  # dense layers: C_l = N
 
     def _tables(self, pos):
         return self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # [1, S, 1, D]
 
     def forward(self, text_embeds, text_positions, *rest):
-        N = self.N
-        if N:
-            vision_embeds, vision_positions, n_vision, *past = rest
-            live_v = torch.arange(N, dtype=torch.int32).unsqueeze(0) < n_vision.unsqueeze(1)  # [1, N]
+        form, target = self.form, self.target
+        x_t, pos_t = text_embeds, text_positions
+        carriers, live_v = [], None
+        if form == "shape":
+            x_v, pos_v, *rest = rest
+            count = sum(s or 0 for s in self.stages)
+            carriers, past = list(rest[:count]), rest[count:]
+        elif form == "bucket":
+            x_v, pos_v, n_vision, *past = rest
+            live_v = torch.arange(self.size, dtype=torch.int32).unsqueeze(0) < n_vision.unsqueeze(1)  # [1, B]
         else:
             past = rest
-        x_t, pos_t = text_embeds, text_positions
-        live_t = torch.ones_like(pos_t, dtype=torch.bool)
         new = []
         for l, layer in enumerate(self.lm.layers):
             past_l = past[3 * l: 3 * l + 3]
-            if not N:
-                h, m, k, v = layer.block(x_t, *self._tables(pos_t), pos_t, live_t, past_l)
+            Tt = x_t.shape[1]
+            if form == "text":
+                h, m, k, v = layer.block(x_t, self._tables(pos_t), pos_t, None, past_l, target)
                 x_t = h + m
                 new += [k, v, pos_t]
                 continue
             if layer.ratio is None:
-                x = torch.cat([x_t, vision_embeds], dim=1)
-                pos = torch.cat([pos_t, vision_positions], dim=1)
-                h, m, k, v = layer.block(x, *self._tables(pos), pos, torch.cat([live_t, live_v], dim=1), past_l)
+                x, pos = torch.cat([x_t, x_v], dim=1), torch.cat([pos_t, pos_v], dim=1)
+                live = None if live_v is None else torch.cat([torch.ones_like(pos_t, dtype=torch.bool), live_v], 1)
+                h, m, k, v = layer.block(x, self._tables(pos), pos, live, past_l, target)
                 out = h + m
-                x_t, vision_embeds = out[:, :x_t.shape[1]], out[:, x_t.shape[1]:]
+                x_t, x_v = out[:, :Tt], out[:, Tt:]
+                if live_v is not None:  # padding stays inert, whatever attention gave a dead row
+                    x_v = torch.where(live_v.unsqueeze(-1), x_v, torch.zeros_like(x_v))
                 new += [k, v, pos]
                 continue
-            x_v = vision_embeds
             s, w = layer.route(x_v)
             skip = w.unsqueeze(-1).to(x_v.dtype) * x_v  # a skipped vision token leaves as w * x
-            C = self.capacities[l]
-            if C == 0:  # this layer keeps no vision token for any n <= N
-                h, m, k, v = layer.block(x_t, *self._tables(pos_t), pos_t, live_t, past_l)
-                x_t, vision_embeds = h + m, skip
+            if form == "shape":
+                stages, carriers = carriers[:self.stages[l]], carriers[self.stages[l]:]
+                key = s
+            else:
+                stages, key = self.stages[l], torch.where(live_v, s, PAD_SCORE)
+            if not stages:  # this layer keeps no vision token for any n the graph takes
+                h, m, k, v = layer.block(x_t, self._tables(pos_t), pos_t, None, past_l, target)
+                x_t, x_v = h + m, skip
                 new += [k, v, pos_t]
                 continue
-            idx = select_top(torch.where(live_v, s, PAD_SCORE), C)  # [1, C] int32
-            k_true = getattr(self, f"kept_{l}")[n_vision]  # [1] int32: kept_count(n, r_l)
-            live_sel = torch.arange(C, dtype=torch.int32).unsqueeze(0) < k_true.unsqueeze(1)  # [1, C]
+            idx = select_top(key, stages)  # [1, k] int32
+            live_sel = None
+            if form == "bucket":
+                k_true = getattr(self, f"kept_{l}")[n_vision]  # [1] int32: kept_count(n, r_l)
+                live_sel = torch.arange(idx.shape[1], dtype=torch.int32).unsqueeze(0) < k_true.unsqueeze(1)
             x = torch.cat([x_t, gather_slots(x_v, idx)], dim=1)
-            pos = torch.cat([pos_t, gather_slots(vision_positions, idx)], dim=1)
-            h, m, k, v = layer.block(x, *self._tables(pos), pos, torch.cat([live_t, live_sel], dim=1), past_l)
+            pos = torch.cat([pos_t, gather_slots(pos_v, idx)], dim=1)
+            live = None if live_sel is None else torch.cat([torch.ones_like(pos_t, dtype=torch.bool), live_sel], 1)
+            h, m, k, v = layer.block(x, self._tables(pos), pos, live, past_l, target)
             gate = torch.cat([torch.ones_like(x_t[..., 0]), gather_slots(w.to(x_t.dtype), idx)], dim=1)
             out = h + gate.unsqueeze(-1) * m
-            Tt = x_t.shape[1]
-            kept = torch.where(live_sel.unsqueeze(-1), out[:, Tt:], gather_slots(skip, idx))
-            x_t, vision_embeds = out[:, :Tt], scatter_slots(skip, idx, kept)
+            kept = out[:, Tt:]
+            if live_sel is not None:
+                kept = torch.where(live_sel.unsqueeze(-1), kept, gather_slots(skip, idx))
+            x_t, x_v = out[:, :Tt], scatter_slots(skip, idx, kept)
             new += [k, v, pos]
-        if N:
-            h_all = torch.cat([x_t, vision_embeds], dim=1)
-            pos_all = torch.cat([pos_t, torch.where(live_v, vision_positions, -1)], dim=1)
-        else:
+        if form == "text":
             h_all, pos_all = x_t, pos_t
-        # The chunk's last position, wherever its slot is: one-hot of the largest live position.
-        pf = pos_all.float()
-        last = (pf == pf.max(dim=1, keepdim=True).values).to(h_all.dtype)  # [1, S]
-        h_last = torch.matmul(last.unsqueeze(1), h_all)  # [1, 1, H]
-        logits = torch.matmul(self.lm.norm(h_last), self.lm.output_weight().t()).float()
+        else:
+            h_all = torch.cat([x_t, x_v], dim=1)
+            pos_all = torch.cat([pos_t, pos_v if live_v is None else torch.where(live_v, pos_v, -1)], dim=1)
+        logits = torch.matmul(self.lm.norm(last_hidden(h_all, pos_all)), self.lm.output_weight().t()).float()
         return (logits.reshape(1, -1), *new)

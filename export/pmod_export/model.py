@@ -1,9 +1,9 @@
 """The p-MoD LLaVA model in torch, loaded from a pmod checkpoint directory.
 
 One set of weights, three exportable views of it: ``embed`` (token ids -> embeddings),
-``vision`` (pixels + packing index -> image tokens) and ``decoder(N)`` (the
-static-capacity decoder for at most ``N`` routed vision tokens; ``N = 0`` is the text /
-decode graph). Weights are read with pmod's validated reader (``pmod.format.validate``)
+``vision`` (pixels + packing index -> image tokens) and ``decoder(form, size)`` (the static
+decoder: ``text`` for decode steps, ``shape`` for prefill chunks of up to ``N`` routed
+vision tokens, ``bucket`` for a vision bucket of ``B`` slots; ``pmod_export.decoder``). Weights are read with pmod's validated reader (``pmod.format.validate``)
 and cast to the compute dtype.
 """
 
@@ -46,7 +46,7 @@ class PmodTorchModel(nn.Module):
             self.projector = Projector(config)
             if "unpad" in (config.mm_patch_merge_type or ""):
                 self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
-        self._decoders: dict[tuple[int, int, float], StaticDecoder] = {}
+        self._decoders: dict[tuple, StaticDecoder] = {}
 
     @property
     def has_vision(self) -> bool:
@@ -65,9 +65,10 @@ class PmodTorchModel(nn.Module):
                             "re-convert it with 'pmod convert SRC DST --vision-tower CLIP_DIR'")
         return VisionEncoder(self.vision_tower, self.projector, getattr(self, "image_newline", None))
 
-    def decoder(self, max_vision: int, max_context: int | None = None, retention: float = 1.0) -> StaticDecoder:
-        """The static decoder for ``max_vision`` vision slots at this retention (built once per size)."""
-        key = (int(max_vision), int(max_context or self.config.max_position_embeddings), float(retention))
+    def decoder(self, form: str, size: int | None = None, max_context: int | None = None, retention: float = 1.0,
+                target: str | None = None) -> StaticDecoder:
+        """The static decoder in ``form`` (``text``, ``shape``, ``bucket``; built once per setting)."""
+        key = (form, size, int(max_context or self.config.max_position_embeddings), float(retention), target)
         if key not in self._decoders:
             self._decoders[key] = StaticDecoder(self.language_model, *key)
         return self._decoders[key]

@@ -1,19 +1,25 @@
-"""``pmod export onnx``: a pmod checkpoint -> ONNX graphs + manifest, checked and linted.
+"""``pmod export onnx``: a pmod checkpoint -> ONNX graphs + manifest, checked (and linted for TensorRT).
 
 Graphs (``docs/EXPORT.md`` has their inputs and outputs):
 
 * ``embed``: token ids -> embeddings (the table lives here once).
 * ``vision``: pixels + the packing index ``ImageInput.feature_index()`` -> image tokens.
-* ``prefill``: the static decoder for ``N = --max-vision-tokens`` vision slots.
-* ``decode``: the same decoder with no vision stream (decode steps, text-only chunks).
+* ``prefill``: the decoder for chunks of up to ``N = --max-vision-tokens`` routed vision
+  tokens, its shapes following the chunk's ``n`` (``shape`` form); or, with ``--buckets``,
+  one ``prefill_B`` per bucket with ``B`` vision slots and constant capacities.
+* ``decode``: the decoder with no vision stream (decode steps, text-only chunks).
+
+``--target ort`` (default) writes attention as ONNX Runtime's fused ``com.microsoft``
+``MultiHeadAttention``; ``--target trt`` the plain pattern TensorRT's parser takes and fuses,
+and runs the TensorRT-compatibility lint (``pmod.static.lint``). The manifest records the
+target, and each runtime refuses the other's graphs in one line.
 
 Export uses torch's TorchScript-based ONNX exporter (``dynamo=False``): it ships with
 every torch pmod supports (>= 2.2) and needs no onnxscript; torch 2.9+ marks it
 deprecated, so its warning is silenced here. Each graph is then post-processed
-(``narrow_index_casts``), saved (weights as external data past
-``external_data_bytes``), checked with ``onnx.checker.check_model(full_check=True)``,
-shape-inferred (strict) and linted; any failure leaves no output directory
-(``pmod.format.atomic_dir``).
+(``place_attention_bias``, ``narrow_index_casts``), saved (weights as external data past
+``external_data_bytes``), checked with ``onnx.checker.check_model(full_check=True)`` and
+shape-inferred (strict); any failure leaves no output directory (``pmod.format.atomic_dir``).
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ from pmod.errors import PmodError
 from pmod.format import TOKENIZER_FILES, atomic_dir, read_config
 from pmod.image import PREPROCESSOR_FILE
 from pmod.quantization import require_float
-from pmod.schedule import capacities, check_retention, layer_ratios
+from pmod.schedule import capacities, check_retention, kept_count, layer_ratios
+from pmod.static.contract import (DEFAULT_TARGET, EXPORT_DTYPES, OPSET, TARGETS, bucket_graph, check_buckets,
+                                  geometric_buckets, keep_names, kv_names, one_image_vision_tokens, stage_sizes)
+from pmod.static.manifest import EXPORT_FORMAT, GraphSpec, Manifest, TensorSpec
 
-OPSET = 17
-EXPORT_DTYPES = ("float32", "float16")
 #: Graphs whose weights pass this many bytes keep them in ``<graph>.onnx.data``
 #: (protobuf cannot hold more than 2 GiB in one file).
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -40,64 +47,49 @@ _INDEX_INPUTS = {"Gather": 1, "GatherElements": 1, "ScatterElements": 1}
 _ANY_TYPE_INPUTS = {"Shape": 0, "Size": 0}  # read only the shape
 
 
-def kv_names(layer: int, prefix: str) -> list[str]:
-    """``past_key_l, past_value_l, past_positions_l`` (prefix ``past``) or ``new_*``."""
-    return [f"{prefix}_key_{layer}", f"{prefix}_value_{layer}", f"{prefix}_positions_{layer}"]
-
-
-def one_image_vision_tokens(config) -> int:
-    """Routed vision tokens of the largest single image the model takes (the default N).
-
-    LLaVA-1.5: one tile's rows. LLaVA-NeXT anyres: the grid (a pinpoint) whose packed map,
-    uncropped, is the largest, under the model's ``mod_target_token_type``; the plan and the
-    routed mask are pmod.image's.
-    """
-    from pmod.image import ImageInput, anyres_plan, grid_pinpoints, layout, patches_per_side, pack_plan
-    from pmod.image import tokens_per_tile as per_tile
-
-    if config.vision_config is None or config.mm_projector_type is None:
-        return 0
-    tile, P = int(config.vision_config["image_size"]), patches_per_side(config)
-    if layout(config) == "anyres":
-        cases = [((w, h), (w // tile, h // tile), anyres_plan((w, h), (w // tile, h // tile), P), P * P)
-                 for w, h in grid_pinpoints(config)]
-    else:
-        cases = [((tile, tile), None, pack_plan((tile, tile), config), 0)]
-    best = 0
-    for size, grid, plan, base in cases:
-        tiles = 1 + (grid[0] * grid[1] if grid else 0)
-        image = ImageInput(np.zeros((tiles, 1, 1, 1), np.float32), size, grid, plan, base, per_tile(config))
-        best = max(best, int(image.routed_mask(config.mod_target_token_type).sum()))
-    return best
-
-
 def export_onnx(model_dir, out_dir, max_vision_tokens: int | None = None, dtype: str = "float32",
                 max_context: int | None = None, external_data_bytes: int | None = None,
-                retention: float = 1.0) -> Path:
+                retention: float = 1.0, target: str = DEFAULT_TARGET, buckets=None) -> Path:
     """Export a pmod checkpoint to ``out_dir`` (which must not exist); return its path.
 
-    ``max_vision_tokens`` (N) defaults to :func:`one_image_vision_tokens`. ``retention``
-    scales every MoD layer's ratio (``pmod.schedule.layer_ratios``); the capacities are
-    static, so the graphs are built for it and the manifest records it.
-    ``external_data_bytes``: a graph whose weights exceed it stores them in
+    ``max_vision_tokens`` (N) defaults to :func:`pmod.static.contract.one_image_vision_tokens`
+    (or the largest bucket). ``retention`` scales every MoD layer's ratio
+    (``pmod.schedule.layer_ratios``); the graphs are built for it and the manifest records it.
+    ``target``: ``ort`` or ``trt``. ``buckets``: increasing vision-slot counts (the last one
+    N), or ``"geometric"`` for a doubling ladder ending at N; None for the shape-following
+    prefill graph. ``external_data_bytes``: a graph whose weights exceed it stores them in
     ``<graph>.onnx.data`` (default ``EXTERNAL_DATA_BYTES``).
     """
     config = read_config(model_dir)  # cheap checks before the weights load
     require_float(config, model_dir, "pmod export onnx")
     retention = check_retention(retention)
-    N = one_image_vision_tokens(config) if max_vision_tokens is None else max_vision_tokens
-    if not isinstance(N, int) or isinstance(N, bool) or N < 0:
-        raise PmodError(f"--max-vision-tokens must be a non-negative integer, got {N!r}")
+    if target not in TARGETS:
+        raise PmodError(f"--target {target!r} is not supported: choose one of {', '.join(TARGETS)}")
     if dtype not in EXPORT_DTYPES:
         raise PmodError(f"--dtype {dtype!r} is not supported for ONNX export: choose one of {', '.join(EXPORT_DTYPES)}")
     limit = config.max_position_embeddings
     T = limit if max_context is None else max_context
     if not isinstance(T, int) or not 0 < T <= limit:
         raise PmodError(f"--max-context must be in 1..{limit} (max_position_embeddings), got {T!r}")
+    N = max_vision_tokens
+    if N is not None and (not isinstance(N, int) or isinstance(N, bool) or N < 0):
+        raise PmodError(f"--max-vision-tokens must be a non-negative integer, got {N!r}")
+    if buckets is not None:
+        if buckets == "geometric":
+            buckets = geometric_buckets(one_image_vision_tokens(config) if N is None else N)
+        buckets = check_buckets(buckets, T)
+        if N is not None and buckets[-1] != N:
+            raise PmodError(f"--buckets must end at --max-vision-tokens {N} (the largest bucket is N), "
+                            f"got {','.join(map(str, buckets))}")
+        N = buckets[-1]
+    if N is None:
+        N = one_image_vision_tokens(config)
     if N > T:
         raise PmodError(f"--max-vision-tokens {N} exceeds the context of {T} tokens; lower it or raise --max-context")
     if N and config.mm_projector_type is None:
         raise PmodError(f"{model_dir} is a text-only model (no mm_projector_type): export it with --max-vision-tokens 0")
+    if buckets is not None and not N:
+        raise PmodError("--buckets needs a model with vision tokens to route (--max-vision-tokens > 0)")
     if out_dir is not None and Path(out_dir).exists():
         raise PmodError(f"output {out_dir} already exists; remove it or choose another path")
 
@@ -106,7 +98,6 @@ def export_onnx(model_dir, out_dir, max_vision_tokens: int | None = None, dtype:
 
     torch_loader.check()
 
-    from .manifest import GraphSpec, Manifest
     from .model import load
 
     if external_data_bytes is None:
@@ -120,7 +111,7 @@ def export_onnx(model_dir, out_dir, max_vision_tokens: int | None = None, dtype:
         graphs: dict[str, GraphSpec] = {}
 
         ids = torch.tensor([[1, 2, 3]], dtype=torch.int32)
-        where = dict(tmp=tmp, work=work, external_data_bytes=external_data_bytes)
+        where = dict(tmp=tmp, work=work, external_data_bytes=external_data_bytes, target=target)
         graphs["embed"] = _export_graph(
             model.embed(), (ids,), ["input_ids"], ["inputs_embeds"],
             {"input_ids": {1: "tokens"}, "inputs_embeds": {1: "tokens"}}, {"inputs_embeds": [1, "tokens", H]},
@@ -136,10 +127,13 @@ def export_onnx(model_dir, out_dir, max_vision_tokens: int | None = None, dtype:
                  "image_features": {0: "image_tokens"}}, {"image_features": ["image_tokens", H]},
                 name="vision", **where)
 
-        for name, n_slots in (("prefill", N), ("decode", 0)):
-            if n_slots or name == "decode":
-                decoder = model.decoder(n_slots, T, retention)
-                graphs[name] = _export_graph(decoder, *_decoder_example(config, decoder, tdtype, T), name=name, **where)
+        decoders = [("decode", model.decoder("text", None, T, retention, target))]
+        if N and buckets is None:
+            decoders.append(("prefill", model.decoder("shape", N, T, retention, target)))
+        for b in buckets or []:
+            decoders.append((bucket_graph(b), model.decoder("bucket", b, T, retention, target)))
+        for name, decoder in decoders:
+            graphs[name] = _export_graph(decoder, *_decoder_example(config, decoder, tdtype, T), name=name, **where)
         shutil.rmtree(work)
 
         source = Path(model_dir)
@@ -147,39 +141,63 @@ def export_onnx(model_dir, out_dir, max_vision_tokens: int | None = None, dtype:
             if (source / f).is_file():
                 shutil.copy2(source / f, tmp / f)
         manifest = Manifest(
-            dtype=dtype, max_vision_tokens=N, max_context=T, opset=OPSET, capacities=capacities(config, N, retention),
-            layer_ratios=layer_ratios(config, retention), retention=retention,
-            kv={"num_layers": config.num_hidden_layers, "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
+            format=EXPORT_FORMAT, target=target, dtype=dtype, max_vision_tokens=N, max_context=T, opset=OPSET,
+            form="shape" if buckets is None else "buckets", buckets=buckets,
+            capacities=capacities(config, N, retention), layer_ratios=layer_ratios(config, retention),
+            retention=retention,
+            kv={"num_layers": config.num_hidden_layers, "num_key_value_heads": config.num_key_value_heads,
+                "head_dim": config.head_dim,
                 "layout": "[1, entries, num_key_value_heads, head_dim], positions int32 [1, entries]"},
             config=config.to_dict(), graphs=graphs)
-        findings = _check_all(tmp, graphs)
+        findings = _check_all(tmp, graphs, lint=target == "trt")
         if findings:
             raise PmodError(f"the exported graphs fail the TensorRT-compatibility lint ({len(findings)} "
                             f"finding(s), first: {findings[0]}); report this as a bug")
-        manifest.lint = {"rules": "pmod_export.lint", "findings": 0, "graphs": sorted(graphs)}
+        if target == "trt":
+            manifest.lint = {"rules": "pmod.static.lint", "findings": 0, "graphs": sorted(graphs)}
         manifest.write(tmp)
     return Path(out_dir)
 
 
 def _decoder_example(config, decoder, dtype, max_context: int):
-    """Example inputs, input/output names, dynamic axes and output shapes of a decoder graph."""
+    """Example inputs, input/output names, dynamic axes and output shapes of a decoder graph.
+
+    The shape form is traced at its largest ``n`` (N), so every carrier has a length to trace.
+    """
     import torch
 
-    N, H = decoder.N, config.hidden_size
+    H, form = config.hidden_size, decoder.form
     at = lambda n: torch.arange(n, dtype=torch.int32)[None] % max_context  # noqa: E731 - any valid positions
     args = [torch.zeros(1, 3, H, dtype=dtype), at(3)]
     inputs = ["text_embeds", "text_positions"]
     axes = {"text_embeds": {1: "text_len"}, "text_positions": {1: "text_len"}}
-    if N:
-        args += [torch.zeros(1, N, H, dtype=dtype), at(N), torch.tensor([N], dtype=torch.int32)]
+    extra = [[] for _ in decoder.lm.layers]  # per layer: the dimensions its new slots add to text_len
+    if form == "shape":
+        n = decoder.size
+        args += [torch.zeros(1, n, H, dtype=dtype), at(n)]
+        inputs += ["vision_embeds", "vision_positions"]
+        axes.update(vision_embeds={1: "vision_len"}, vision_positions={1: "vision_len"})
+        for l, (r, stages) in enumerate(zip(decoder.ratios, decoder.stages)):
+            if r is None:
+                extra[l] = ["vision_len"]
+                continue
+            for name, size in zip(keep_names(l, stages), stage_sizes(kept_count(n, r), stages)):
+                args.append(torch.zeros(size, dtype=torch.bool))
+                inputs.append(name)
+                axes[name] = {0: name}
+                extra[l].append(name)
+    elif form == "bucket":
+        B = decoder.size
+        args += [torch.zeros(1, B, H, dtype=dtype), at(B), torch.tensor([B], dtype=torch.int32)]
         inputs += ["vision_embeds", "vision_positions", "n_vision"]
+        extra = [[str(c)] if c else [] for c in decoder.capacities]
     outputs, shapes = ["logits"], {"logits": [1, config.vocab_size]}
     kv_dims = [config.num_key_value_heads, config.head_dim]
-    for l, extra in enumerate(decoder.slot_counts(0)):  # S_l = text_len + C_l
+    for l in range(len(decoder.lm.layers)):
         args += [torch.zeros([1, 2] + kv_dims, dtype=dtype), torch.zeros([1, 2] + kv_dims, dtype=dtype), at(2)]
         inputs += kv_names(l, "past")
         outputs += kv_names(l, "new")
-        slots = f"text_len+{extra}" if extra else "text_len"
+        slots = "+".join(["text_len"] + extra[l])
         axes.update({n: {1: f"past_len_{l}"} for n in kv_names(l, "past")})
         axes.update({n: {1: slots} for n in kv_names(l, "new")})
         k, v, p = kv_names(l, "new")
@@ -188,22 +206,24 @@ def _decoder_example(config, decoder, dtype, max_context: int):
 
 
 def _export_graph(module, args, inputs, outputs, axes, output_shapes=None, *, name, tmp: Path, work: Path,
-                  external_data_bytes: int):
+                  external_data_bytes: int, target: str):
     import onnx
     import torch
 
-    from .manifest import GraphSpec
-
     raw = work / f"{name}.onnx"
+    from .decoder import StaticDecoder
+
+    contrib = {"custom_opsets": {"com.microsoft": 1}} if target == "ort" and isinstance(module, StaticDecoder) else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation, tracer notes
         with torch.inference_mode(False), torch.no_grad():
             torch.onnx.export(module, args, str(raw), opset_version=OPSET, input_names=inputs,
                               output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
-                              **_torchscript_exporter())
+                              **contrib, **_torchscript_exporter())
     # Past 2 GiB torch writes the weights as files next to ``raw``: edit the graph without
     # them (shape inference cannot take a >2 GiB message), then attach them to save.
     model = onnx.load(str(raw), load_external_data=False)
+    place_attention_bias(model)
     narrow_index_casts(model)
     _declare_shapes(model, output_shapes or {})
     onnx.external_data_helper.load_external_data_for_model(model, str(work))
@@ -254,14 +274,26 @@ def _tensor_bytes(t) -> int:
 
 
 def _specs(values) -> list:
-    from .manifest import TensorSpec
-
     out = []
     for vi in values:
         tt = vi.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
         out.append(TensorSpec(vi.name, _NP_NAMES.get(tt.elem_type, str(tt.elem_type)), shape))
     return out
+
+
+def place_attention_bias(model) -> int:
+    """Move the attention bias of every ``com.microsoft.MultiHeadAttention`` to the op's sixth input.
+
+    The decoder's symbolic writes ``(query, key, value, attention_bias)``; the op's inputs 3
+    and 4 (``bias``, ``key_padding_mask``) are optional and stay empty. Returns the count.
+    """
+    nodes = [n for n in model.graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
+    for n in nodes:
+        q, k, v, bias = n.input
+        del n.input[:]
+        n.input.extend([q, k, v, "", "", bias])
+    return len(nodes)
 
 
 def narrow_index_casts(model) -> int:
@@ -302,11 +334,11 @@ def narrow_index_casts(model) -> int:
     return len(removed)
 
 
-def _check_all(directory: Path, graphs: dict) -> list:
-    """checker (full), strict shape inference against the declared outputs, and the lint."""
+def _check_all(directory: Path, graphs: dict, lint: bool) -> list:
+    """checker (full), strict shape inference against the declared outputs, and (``lint``) the TensorRT lint."""
     import onnx
 
-    from .lint import lint_model
+    from pmod.static.lint import lint_model
 
     findings = []
     for name, spec in graphs.items():
@@ -324,5 +356,6 @@ def _check_all(directory: Path, graphs: dict) -> list:
             if g is None or g.dtype != t.dtype or len(g.shape) != len(t.shape):
                 raise PmodError(f"exported graph {spec.file}: shape inference disagrees on output '{t.name}' "
                                 f"({g and (g.dtype, g.shape)} vs {t.dtype} {t.shape}); report this as a bug")
-        findings += lint_model(model, spec.file)
+        if lint:
+            findings += lint_model(model, spec.file)
     return findings

@@ -1,11 +1,11 @@
-"""``pmod.open_engine(path, backend="torch")``: the static-capacity torch model behind the shared interface.
+"""``pmod.open_engine(path, backend="torch")``: the static torch model behind the shared interface.
 
-It runs exactly what is exported (``StaticDecoder``, ``VisionEncoder``) on a pmod
-checkpoint directory, eagerly on the CPU. ``max_vision_tokens=N`` fixes the vision stream
-at ``N`` slots as the exported graphs do; left at None, each chunk gets a stream of its
-own ``n`` slots (no padding: the quickest eager form, the same answers). ``retention=S``
-runs the MoD layers at that dial (``pmod.schedule.layer_ratios``), as ``pmod export onnx
---retention S`` would build them.
+It runs what is exported (``StaticDecoder`` in its ``shape`` and ``text`` forms,
+``VisionEncoder``) on a pmod checkpoint directory, eagerly on the CPU, with the chunk plan
+and host KV buffers of the exported graphs (:mod:`pmod.static`). ``max_vision_tokens=N``
+refuses chunks over ``N`` as an export for ``N`` would; left at None there is no limit.
+``retention=S`` runs the MoD layers at that dial (``pmod.schedule.layer_ratios``), as
+``pmod export onnx --retention S`` would build them.
 """
 
 from __future__ import annotations
@@ -15,65 +15,56 @@ from . import torch_loader  # imports torch; before it, see there
 import numpy as np
 import torch
 
-from pmod.engine import Engine, _normalize_inputs
+from pmod.engine import Engine
 from pmod.errors import PmodError
 from pmod.schedule import check_retention
+from pmod.static.cache import HostKV
+from pmod.static.chunk import Planner, Step
+from pmod.static.engine import StaticEngine
 
-from .cache import KVCache
-from pmod.chunk import live_lengths, split_chunk
 from .model import load
 
 # numpy has no bfloat16: its KV entries are kept as raw 16-bit words and viewed by torch.
 _STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
-class TorchEngine(Engine):
+class TorchEngine(StaticEngine):
+    np_dtype = np.dtype(np.float32)  # the chunk plan's arrays; cast to the model dtype on the way in
+    check_room = Engine.check_room  # the checkpoint's context, not an export's
+
     def __init__(self, path, dtype: str | None = None, max_vision_tokens: int | None = None, dense: bool = False,
                  retention: float | None = None):
         torch_loader.check()
+        if max_vision_tokens is not None and (not isinstance(max_vision_tokens, int) or max_vision_tokens < 0):
+            raise PmodError(f"max_vision_tokens must be a non-negative integer, got {max_vision_tokens!r}")
         self.retention = check_retention(1.0 if retention is None else retention)
         self.model = load(path, dtype)
         self.dense = dense  # run every layer over every token: the plain-LLaVA twin, routers unused
-        self.config = self.model.config
+        self.config = c = self.model.config
         self.dtype = self.model.dtype
-        if max_vision_tokens is not None and (not isinstance(max_vision_tokens, int) or max_vision_tokens < 0):
-            raise PmodError(f"max_vision_tokens must be a non-negative integer, got {max_vision_tokens!r}")
         self.max_vision = max_vision_tokens
-        c = self.config
-        self.cache = KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, _STORAGE[self.dtype])
+        self.planner = Planner(c, max_vision_tokens, self.retention, flag="max_vision_tokens")
+        self.cache = HostKV(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, _STORAGE[self.dtype])
         self._position = 0
 
-    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+    def _view(self, a: np.ndarray) -> torch.Tensor:
+        """A KV buffer's numpy array as a torch tensor of the model's dtype (no copy)."""
         t = torch.from_numpy(a)
         return t.view(self.dtype) if a.dtype == np.uint16 else t
 
-    def prefill(self, input_ids=None, inputs_embeds=None, vision_mask=None) -> np.ndarray:
-        ids, emb, mask = _normalize_inputs(input_ids, inputs_embeds, vision_mask, self.config.hidden_size)
-        self.check_room(mask.shape[0])
-        emb = self.embed(ids) if emb is None else np.asarray(emb, dtype=np.float32)
-        if self.dense:
-            mask = np.zeros_like(mask)
-        n = int(mask.sum())
-        N = n if self.max_vision is None else self.max_vision
-        chunk = split_chunk(emb, mask, self._position, N, flag="max_vision_tokens")
-        decoder = self.model.decoder(N if n else 0, retention=self.retention)
-        slots = decoder.slot_counts(chunk.text_len)
-        self.cache.reserve(slots)
-        inputs = [torch.from_numpy(a) for a in chunk.feeds().values()]
+    def _run_decoder(self, step: Step) -> np.ndarray:
+        form = "text" if step.graph == "decode" else "shape"
+        decoder = self.model.decoder(form, self.max_vision if form == "shape" else None, retention=self.retention)
+        inputs = [torch.from_numpy(a) for a in step.feeds.values()]
         inputs = [t.to(self.dtype) if t.is_floating_point() else t for t in inputs]
-        for l in range(len(slots)):
-            inputs += [self._tensor(a) for a in self.cache.past(l)]
+        for l in range(len(step.slots)):
+            inputs += [self._view(a) for a in self.cache.past_arrays(l)]
         with torch.inference_mode():
             out = decoder(*inputs)
-        for l, s in enumerate(slots):
-            for dst, src in zip(self.cache.tail(l, s), out[1 + 3 * l: 4 + 3 * l]):
-                self._tensor(dst).copy_(src)
-        self.cache.advance(live_lengths(self.config, chunk, self.retention))
-        self._position += chunk.length
+        for l, s in enumerate(step.slots):
+            for dst, src in zip(self.cache.tail_arrays(l, s), out[1 + 3 * l: 4 + 3 * l]):
+                self._view(dst).copy_(src)
         return out[0][0].float().numpy()
-
-    def decode(self, token_id: int) -> np.ndarray:
-        return self.prefill(input_ids=np.array([int(token_id)], dtype=np.int32))
 
     def embed(self, input_ids) -> np.ndarray:
         ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64).reshape(-1))
@@ -92,20 +83,3 @@ class TorchEngine(Engine):
         with torch.inference_mode():
             out = encoder(torch.from_numpy(pixels).to(self.dtype), torch.from_numpy(image.feature_index()))
         return out.float().numpy()
-
-    def kv_lengths(self) -> list[int]:
-        return list(self.cache.lengths)
-
-    def kept_positions(self) -> list[np.ndarray]:
-        return self.cache.held_positions()
-
-    def kv_bytes(self) -> int:
-        return self.cache.nbytes
-
-    @property
-    def position(self) -> int:
-        return self._position
-
-    def reset(self) -> None:
-        self.cache.reset()
-        self._position = 0

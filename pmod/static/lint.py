@@ -10,9 +10,11 @@ Rules (each finding names the graph, node, op and what to change):
     An op outside ``TRT_OPS``: the operators onnx-tensorrt 10.x marks supported
     (``docs/operators.md`` of the 10.1 release). Subgraphs of If/Loop/Scan are checked too.
 ``topk``
-    TopK's K must be a constant (an initializer or a Constant node), at most
-    ``TOPK_MAX = 3840`` (TensorRT 10 operator reference: "k <= 3840"; the parser's table
-    says "K input must be less than 3840"), with ``sorted = 1``.
+    TopK's K must be a constant (an initializer or a Constant node) below ``TOPK_LIMIT =
+    3840`` (onnx-tensorrt's operator table: "K input must be less than 3840"), or computed
+    from input *shapes* (pmod's kept-count carriers: TensorRT 10 takes K as a shape tensor;
+    the exporter checks those bounds, ``pmod.static.contract.TOPK_STAGE``), with
+    ``sorted = 1``. A K computed from tensor values is a finding.
 ``data-dependent-shape``
     An output shape that depends on tensor *values*: NonZero, Unique, Compress, and any
     shape-like input (Reshape/Expand/Tile shape, Slice starts/ends/steps, ConstantOfShape,
@@ -33,7 +35,9 @@ Rules (each finding names the graph, node, op and what to change):
     float64 tensors: TensorRT has only limited double support.
 
 ``lint_model`` works on a loaded ``onnx.ModelProto`` (weights not needed: load with
-``load_external_data=False``); ``lint_path`` on a ``.onnx`` file or an export directory.
+``load_external_data=False``); ``lint_path`` on a ``.onnx`` file or an export directory (a
+``--target ort`` export, which uses ONNX Runtime's fused attention, is refused in one line).
+``onnx`` is imported only when a graph is linted.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-TOPK_MAX = 3840
+from .contract import TOPK_LIMIT
+
 OPSET_RANGE = (9, 20)
 
 #: ONNX ops TensorRT 10 supports (onnx-tensorrt 10.1, docs/operators.md, "Supported: Y").
@@ -179,7 +184,7 @@ def _lint_graph(g, name: str, types: dict[str, int], out: list[Finding], outer: 
                 out.append(Finding(name, label, op, "constant-input",
                                    f"input {pos} ('{node.input[pos]}') of {op} must be a constant for TensorRT"))
         if op == "TopK":
-            _check_topk(node, name, label, constants, out)
+            _check_topk(node, name, label, constants, kind, out)
         if op == "ScatterND" and any(a.name == "reduction" and a.s not in (b"", b"none") for a in node.attribute):
             out.append(Finding(name, label, op, "unsupported-op", "ScatterND 'reduction' is not supported by TensorRT"))
         for o in node.output:
@@ -214,7 +219,7 @@ def _constant_value(node):
     return None
 
 
-def _check_topk(node, name: str, label: str, constants: dict, out: list[Finding]) -> None:
+def _check_topk(node, name: str, label: str, constants: dict, kind: dict, out: list[Finding]) -> None:
     from onnx import numpy_helper
 
     attrs = {a.name: a for a in node.attribute}
@@ -225,24 +230,28 @@ def _check_topk(node, name: str, label: str, constants: dict, out: list[Finding]
         k = attrs["k"].i if "k" in attrs else None
     elif constants.get(k_name) is not None:
         k = int(numpy_helper.to_array(constants[k_name]).reshape(-1)[0])
+    elif kind.get(k_name) == SHAPE:
+        return  # from input shapes: a shape tensor per optimisation profile (the exporter bounds it)
     else:
         out.append(Finding(name, label, "TopK", "topk",
-                           f"TopK's K ('{k_name}') is not a constant; TensorRT needs a build-time K "
-                           "(use a fixed capacity and mask the slots past the true count)"))
+                           f"TopK's K ('{k_name}') is computed from tensor values; TensorRT needs K from a "
+                           "constant or from input shapes (size a carrier input to the count)"))
         return
-    if k is not None and k > TOPK_MAX:
+    if k is not None and k >= TOPK_LIMIT:
         out.append(Finding(name, label, "TopK", "topk",
-                           f"TopK K = {k} exceeds TensorRT's limit {TOPK_MAX}; split the selection"))
+                           f"TopK K = {k} is not below TensorRT's limit {TOPK_LIMIT}; split the selection"))
 
 
 def lint_path(path) -> list[Finding]:
     """Lint a ``.onnx`` file, or every graph of an export directory."""
     import onnx
 
-    from pmod.errors import PmodError
+    from ..errors import PmodError
+    from .manifest import MANIFEST
 
     path = Path(path)
     if path.is_dir():
+        _refuse_ort_target(path / MANIFEST)
         files = sorted(path.glob("*.onnx"))
         if not files:
             raise PmodError(f"{path} holds no .onnx files: pass an export directory or a .onnx file")
@@ -258,3 +267,19 @@ def lint_path(path) -> list[Finding]:
             raise PmodError(f"{f} is not a readable ONNX model ({type(e).__name__}); re-export it") from None
         findings += lint_model(model, f.name)
     return findings
+
+
+def _refuse_ort_target(manifest: Path) -> None:
+    """A ``--target ort`` export is for ONNX Runtime (fused contrib attention): say so in one line."""
+    import json
+
+    from ..errors import PmodError
+    from .manifest import EXPORT_FORMAT
+
+    try:
+        d = json.loads(Path(manifest).read_text())
+    except (OSError, ValueError):
+        return  # not an export directory (or a broken one): lint its files as they are
+    if isinstance(d, dict) and d.get("format") == EXPORT_FORMAT and d.get("target") == "ort":
+        raise PmodError(f"{manifest.parent} was exported for ONNX Runtime (--target ort, with its fused attention); "
+                        "the lint checks TensorRT graphs: export with 'pmod export onnx --target trt'")
