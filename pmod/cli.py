@@ -99,14 +99,25 @@ def _export_module(name: str):
 def _cmd_export_onnx(args) -> None:
     from .models import resolve_model
 
+    buckets = args.buckets
+    if buckets is not None and buckets != "geometric":
+        buckets = [b.strip() for b in buckets.split(",")]
+        if not all(b.isdigit() for b in buckets):
+            raise PmodError(f"--buckets takes increasing whole numbers separated by commas (e.g. 576,1152,2880) "
+                            f"or 'geometric', got {args.buckets!r}")
     dst = _export_module("onnx_export").export_onnx(
         resolve_model(args.model), args.out, args.max_vision_tokens, dtype=args.dtype, max_context=args.max_context,
-        retention=1.0 if args.retention is None else args.retention)
+        retention=1.0 if args.retention is None else args.retention, target=args.target, buckets=buckets)
     print(f"wrote {dst}", file=sys.stderr)
 
 
 def _cmd_export_lint(args) -> None:
-    findings = _export_module("lint").lint_path(args.path)
+    from .static.lint import lint_path
+
+    try:
+        findings = lint_path(args.path)
+    except ImportError as e:
+        raise PmodError(f"pmod export lint needs onnx ({e.name or e} is missing): pip install onnx") from None
     for f in findings:
         print(f)
     if findings:
@@ -276,21 +287,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="pmod checkpoint directory (default: the embedded model)")
     e.add_argument("--out", required=True, help="output directory (must not exist)")
     e.add_argument("--max-vision-tokens", type=int, default=None,
-                   help="N: most routed vision tokens a prefill chunk may hold, fixing every MoD capacity "
-                        "(default: those of the largest single image the model takes)")
+                   help="N: most routed vision tokens a prefill chunk may hold; the graphs follow each chunk's "
+                        "own count up to N (default: those of the largest single image the model takes)")
+    e.add_argument("--target", choices=["ort", "trt"], default="ort",
+                   help="ort: ONNX Runtime's fused attention (--backend onnx); trt: graphs for 'pmod trt build' "
+                        "(default ort)")
+    e.add_argument("--buckets", default=None, metavar="B1,B2,...|geometric",
+                   help="one prefill graph per vision bucket with constant TopK sizes (the engine takes the "
+                        "smallest bucket >= n); the last bucket is N; 'geometric': N/8, N/4, N/2, N")
     e.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="graph dtype")
     e.add_argument("--max-context", type=int, default=None,
                    help="longest context the graphs serve (default: max_position_embeddings)")
     _add_retention(e, "; the capacities are static, so the graphs are built for S and the manifest records it")
     e.set_defaults(func=_cmd_export_onnx)
-    e = export.add_parser("lint", help="TensorRT-compatibility lint of an export directory or .onnx file")
+    e = export.add_parser("lint", help="TensorRT-compatibility lint of a --target trt export or a .onnx file")
     e.add_argument("path", help="export directory or .onnx file")
     e.set_defaults(func=_cmd_export_lint)
 
     s = sub.add_parser("trt", help="build TensorRT engines from an ONNX export (needs an NVIDIA GPU and TensorRT)")
     trt = s.add_subparsers(dest="trt_command", required=True, parser_class=_Parser)
     e = trt.add_parser("build", help="build one engine per exported graph, with profiles from its manifest")
-    e.add_argument("--onnx", required=True, help="ONNX export directory written by 'pmod export onnx'")
+    e.add_argument("--onnx", required=True, help="ONNX export directory written by 'pmod export onnx --target trt'")
     e.add_argument("--out", required=True, help="output engine directory (must not exist)")
     e.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="fp32 (a float32 export), fp16 (a float16 export, strongly typed), bf16 (a float32 "

@@ -46,7 +46,8 @@ from pmod.schedule import capacities  # noqa: E402
 from pmod.session import Reply, Session, open_session  # noqa: E402
 from pmod_export import decoder as static_decoder  # noqa: E402
 from pmod_export import onnx_export  # noqa: E402
-from pmod_export.lint import lint_path  # noqa: E402
+from pmod.static.contract import one_image_vision_tokens  # noqa: E402
+from pmod.static.lint import lint_path  # noqa: E402
 from pmod_export.onnx_export import export_onnx  # noqa: E402
 
 TOL = 1e-4
@@ -179,18 +180,14 @@ def test_backends_match_reference(ckpt, engines, n, where):
                 assert err <= TOL, f"{a} vs {b} {what}: {err:.3g}"
 
 
-def test_torch_per_chunk_capacity_is_the_same_model(ckpt, engines):
-    """max_vision_tokens=None (a stream of exactly n slots) gives the static form's answers."""
+def test_torch_without_a_limit(ckpt):
+    """max_vision_tokens=None takes a chunk over N (one TopK stage per MoD layer eagerly) and answers as the reference."""
     config, tensors, path = ckpt
-    dynamic = pmod.open_engine(path, backend="torch")
-    static = engines["torch"]
-    for n in (3, 17):
-        vm = layout(n, "middle")
-        emb = vision_inputs(tensors, np.arange(3, 3 + len(vm)), vm, seed=7)
-        static.reset()
-        dynamic.reset()
-        a, b = static.prefill(inputs_embeds=emb, vision_mask=vm), dynamic.prefill(inputs_embeds=emb, vision_mask=vm)
-        assert np.abs(a - b).max() <= TOL and static.kv_lengths() == dynamic.kv_lengths()
+    e, ref = pmod.open_engine(path, backend="torch"), Reference(config, tensors)
+    vm = layout(N + 5, "middle")
+    emb = vision_inputs(tensors, np.arange(3, 3 + len(vm)), vm, seed=7)
+    assert np.abs(e.prefill(inputs_embeds=emb, vision_mask=vm) - ref.prefill(embeds=emb, vision_mask=vm)[-1]).max() <= TOL
+    assert e.kv_lengths() == ref.kv_lengths()
 
 
 def test_dense_twin_and_kept_positions(ckpt, exported, engines):
@@ -222,14 +219,14 @@ def test_default_max_vision_tokens():
     clip = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 image_size=336, patch_size=14)
     nxt = tiny_official_config(vision_config=clip)  # LLaVA-NeXT pinpoints, anyres, vision_hr
-    assert onnx_export.one_image_vision_tokens(nxt) == 48 * 49  # 2x2 grid: 48 rows of 48 + newline
-    assert onnx_export.one_image_vision_tokens(
+    assert one_image_vision_tokens(nxt) == 48 * 49  # 2x2 grid: 48 rows of 48 + newline
+    assert one_image_vision_tokens(
         tiny_official_config(vision_config=clip, mod_target_token_type="vision")) == 48 * 49 + 576
     flat = tiny_official_config(vision_config=clip, image_aspect_ratio="pad", mm_patch_merge_type="flat",
                                 image_grid_pinpoints=None)
-    assert onnx_export.one_image_vision_tokens(flat) == 576
-    assert onnx_export.one_image_vision_tokens(tiny_config()) == 0
-    assert onnx_export.one_image_vision_tokens(tiny_config(**NEXT)) == N
+    assert one_image_vision_tokens(flat) == 576
+    assert one_image_vision_tokens(tiny_config()) == 0
+    assert one_image_vision_tokens(tiny_config(**NEXT)) == N
 
 
 def test_images_and_session_agree(ckpt, exported, engines, tmp_path, capsys):
@@ -260,25 +257,27 @@ def test_images_and_session_agree(ckpt, exported, engines, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == replies["torch"][0].strip()
 
 
-def test_topk_split_and_ties(monkeypatch, tmp_path):
-    """A selection past TOPK_MAX is split into several TopKs; ties keep the lower index, as eagerly."""
+def test_topk_stages_and_ties(tmp_path):
+    """A selection in stages (constant K, or K from a carrier's length) takes the same set in the same
+    order as one stable sort; ties keep the lower index, in the graph as eagerly."""
     import onnxruntime as ort
 
     class Select(torch.nn.Module):
-        def forward(self, key):
-            return static_decoder.select_top(key, 7)
+        def forward(self, key, keep_a, keep_b):
+            return static_decoder.select_top(key, [keep_a, 3, keep_b])
 
     pad = static_decoder.PAD_SCORE
     keys = [torch.tensor([[0.5, 1.0, 0.5, 2.0, 1.0, 1.0, pad, 0.5, 3.0, 1.0]]),
             torch.tensor([[pad, 0.3, pad, pad, -2.0, pad, pad, pad, pad, pad]])]  # stages run into padding
+    carriers = (torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool))
     expected = [sorted(range(10), key=lambda i: (-float(k[0, i]), i))[:7] for k in keys]
-    assert [Select()(k)[0].tolist() for k in keys] == expected
-    monkeypatch.setattr(static_decoder, "TOPK_MAX", 3)
+    assert [Select()(k, *carriers)[0].tolist() for k in keys] == expected
     f = tmp_path / "select.onnx"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(Select(), (keys[0],), str(f), dynamo=False, opset_version=onnx_export.OPSET,
-                          input_names=["key"], output_names=["idx"])
+        torch.onnx.export(Select(), (keys[0], *carriers), str(f), dynamo=False, opset_version=17,
+                          input_names=["key", "a", "b"], output_names=["idx"],
+                          dynamic_axes={"key": {1: "n"}, "a": {0: "ka"}, "b": {0: "kb"}})
     model = onnx.load(str(f))
     onnx_export.narrow_index_casts(model)
     assert sorted(n.op_type for n in model.graph.node).count("TopK") == 3
@@ -286,30 +285,32 @@ def test_topk_split_and_ties(monkeypatch, tmp_path):
     assert lint_path(f) == []
     sess = ort.InferenceSession(str(f))
     for k, want in zip(keys, expected):
-        got = sess.run(None, {"key": k.numpy()})[0]
+        got = sess.run(None, {"key": k.numpy(), "a": np.zeros(2, bool), "b": np.zeros(2, bool)})[0]
         assert got.dtype == np.int32 and got[0].tolist() == want
+    got = sess.run(None, {"key": keys[0].numpy(), "a": np.zeros(1, bool), "b": np.zeros(0, bool)})[0]
+    assert got[0].tolist() == expected[0][:4]  # carrier lengths are the stages' K
 
 
 def test_exported_graphs_pass_checks(ckpt, exported):
     config = ckpt[0]
-    assert lint_path(exported) == []
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["capacities"] == capacities(config, N) == [20, 20, 13, 6, 3, 3]
     assert set(manifest["graphs"]) == {"embed", "vision", "prefill", "decode"}
-    assert manifest["max_vision_tokens"] == N and manifest["max_context"] == 256
+    assert manifest["max_vision_tokens"] == N and manifest["max_context"] == 256 and manifest["target"] == "ort"
     assert manifest["config"]["mod_target_layers"] == config.mod_target_layers
     prefill = onnx.load(str(exported / "prefill.onnx"))
     onnx.checker.check_model(prefill, full_check=True)
-    assert [n.op_type for n in prefill.graph.node].count("TopK") == 4  # one per MoD layer
-    inferred = onnx.shape_inference.infer_shapes(prefill)
-    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    scatters = [n for n in prefill.graph.node if n.op_type == "ScatterElements"]
-    assert len(scatters) == 4 and all(types[n.input[1]] == onnx.TensorProto.INT32 for n in scatters)
+    routing = [n for n in prefill.graph.node if n.op_type == "TopK" and all(a.name != "largest" or a.i for a in n.attribute)]
+    assert len(routing) == 4  # one per MoD layer (the others sort a layer's slots by position)
+    ops = [n.op_type for n in prefill.graph.node]
+    assert ops.count("ScatterND") == 4 and "ScatterElements" not in ops  # kept rows back, row-wise
     for side in ("inputs", "outputs"):
         for t in manifest["graphs"]["prefill"][side]:
             assert t["dtype"] != "int64", t
     out = {t["name"]: t["shape"] for t in manifest["graphs"]["prefill"]["outputs"]}
-    assert out["logits"] == [1, config.vocab_size] and out["new_key_2"] == [1, "text_len+13", 2, 8]
+    assert out["logits"] == [1, config.vocab_size] and out["new_key_2"] == [1, "text_len+keep_2_0", 2, 8]
+    with pytest.raises(PmodError, match="exported for ONNX Runtime"):
+        lint_path(exported)  # the ort target uses contrib attention: not a TensorRT graph
 
 
 def test_float16_external_data_and_limits(ckpt, exported, monkeypatch, capsys):
@@ -319,7 +320,6 @@ def test_float16_external_data_and_limits(ckpt, exported, monkeypatch, capsys):
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     assert main(["export", "onnx", "--model", str(path), "--out", str(out), "--max-vision-tokens", "6",
                  "--dtype", "float16", "--max-context", "48"]) == 0
-    assert main(["export", "lint", str(out)]) == 0
     capsys.readouterr()
     manifest = json.loads((out / "manifest.json").read_text())
     for g in manifest["graphs"].values():
@@ -343,7 +343,7 @@ def test_float16_external_data_and_limits(ckpt, exported, monkeypatch, capsys):
     with pytest.raises(PmodError, match="exceed the exported context"):
         e16.prefill(input_ids=np.arange(9) % 90 + 3)
     assert e16.position == 40  # a refused chunk changes nothing
-    with pytest.raises(PmodError, match="exported in float16"):
+    with pytest.raises(PmodError, match="holds float16 graphs; for float32 re-export with 'pmod export onnx --dtype float32'"):
         pmod.open_engine(out, backend="onnx", dtype="float32")
 
 
@@ -419,8 +419,12 @@ def test_export_errors_leave_nothing(ckpt, tmp_path, monkeypatch):
         export_onnx(path, tmp_path / "a", 4, dtype="bfloat16")
     with pytest.raises(PmodError, match="--max-vision-tokens must be a non-negative"):
         export_onnx(path, tmp_path / "a", -1)
+    with pytest.raises(PmodError, match="--target 'tensorrt' is not supported: choose one of ort, trt"):
+        export_onnx(path, tmp_path / "a", 4, target="tensorrt")
+    with pytest.raises(PmodError, match="--buckets must be strictly increasing"):
+        export_onnx(path, tmp_path / "a", buckets=[4, 4])
     finding = "graph.onnx: n (TopK): topk: K is not a constant"
-    monkeypatch.setattr(onnx_export, "_check_all", lambda directory, graphs: [finding])
+    monkeypatch.setattr(onnx_export, "_check_all", lambda directory, graphs, lint: [finding])
     with pytest.raises(PmodError, match="fail the TensorRT-compatibility lint"):
         export_onnx(path, tmp_path / "a", 4, max_context=32)
     assert list(tmp_path.iterdir()) == []  # no output, no temporary directory
@@ -455,7 +459,7 @@ def test_converted_llava_hf_next_end_to_end(tmp_path):
     out = export_onnx(ckpt, tmp_path / "onnx")
     manifest = json.loads((out / "manifest.json").read_text())
     config = pmod.PmodConfig.from_file(ckpt)
-    assert manifest["max_vision_tokens"] == onnx_export.one_image_vision_tokens(config) > 0
+    assert manifest["max_vision_tokens"] == one_image_vision_tokens(config) > 0
     assert (out / "preprocessor_config.json").is_file()
     img = tmp_path / "img.png"
     Image.fromarray(np.random.default_rng(5).integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(img)

@@ -1,4 +1,4 @@
-"""pmod_export.lint: each TensorRT-compatibility rule on small hand-built ONNX graphs.
+"""pmod.static.lint: each TensorRT-compatibility rule on small hand-built ONNX graphs.
 
 The exported p-MoD graphs passing the lint is checked in test_export.py (on real exports).
 """
@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from pmod.cli import main  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
-from pmod_export.lint import TOPK_MAX, lint_model, lint_path  # noqa: E402
+from pmod.static.contract import TOPK_LIMIT  # noqa: E402
+from pmod.static.lint import lint_model, lint_path  # noqa: E402
 
 F, I32, I64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
 
@@ -38,8 +39,12 @@ def const(name, value, dtype=np.int64):
     return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
 
 
-def topk_model(k_from_input=False, k=3, sorted_=1, cast=True):
-    """x [1, N] -> top-k values and indices (int32 after a Cast, or raw int64)."""
+def topk_model(k_from_input=False, k=3, sorted_=1, cast=True, k_from_shape=False):
+    """x [1, N] -> top-k values and indices (int32 after a Cast, or raw int64).
+
+    K: a constant ``k``, an int64 input's *value* (``k_from_input``) or the length of a bool
+    carrier input (``k_from_shape``, pmod's kept-count carriers).
+    """
     nodes = [helper.make_node("TopK", ["x", "k"], ["v", "i"], sorted=sorted_)]
     outputs = [vi("v", F, [1, k])]
     if cast:
@@ -52,6 +57,9 @@ def topk_model(k_from_input=False, k=3, sorted_=1, cast=True):
     inits = []
     if k_from_input:
         inputs.append(vi("k", I64, [1]))
+    elif k_from_shape:
+        inputs.append(vi("keep", TensorProto.BOOL, ["kept"]))
+        nodes[:0] = [helper.make_node("Shape", ["keep"], ["k"])]
     else:
         inits.append(const("k", [k]))
     return model(nodes, inputs, outputs, inits)
@@ -61,17 +69,20 @@ def test_constant_topk_passes():
     assert lint_model(topk_model()) == []
 
 
-def test_dynamic_topk_k_fails():
+def test_topk_k_from_values_fails_from_shapes_passes():
     findings = lint_model(topk_model(k_from_input=True), "bad.onnx")
-    assert any(f.rule == "topk" and "not a constant" in f.message for f in findings)
+    assert any(f.rule == "topk" and "computed from tensor values" in f.message for f in findings)
     assert any(f.rule == "int64" and f.op == "graph I/O" for f in findings)  # the int64 K input
     assert "bad.onnx" in str(findings[0])
+    assert lint_model(topk_model(k_from_shape=True)) == []  # K = the carrier's length: a shape tensor
 
 
 def test_topk_limit_and_sorted():
-    assert rules(topk_model(k=TOPK_MAX)) == []
-    findings = lint_model(topk_model(k=TOPK_MAX + 1))
-    assert [f.rule for f in findings] == ["topk"] and str(TOPK_MAX) in findings[0].message
+    """TensorRT's parser: "K input must be less than 3840"."""
+    assert TOPK_LIMIT == 3840
+    assert rules(topk_model(k=TOPK_LIMIT - 1)) == []
+    findings = lint_model(topk_model(k=TOPK_LIMIT))
+    assert [f.rule for f in findings] == ["topk"] and "not below" in findings[0].message
     assert rules(topk_model(sorted_=0)) == ["topk"]
 
 
@@ -132,6 +143,9 @@ def test_lint_path_and_cli(tmp_path, capsys):
         lint_path(_empty(tmp_path))
     with pytest.raises(PmodError, match="does not exist"):
         lint_path(tmp_path / "missing")
+    (good / "manifest.json").write_text('{"format": "pmod-onnx", "target": "ort"}')
+    with pytest.raises(PmodError, match="exported for ONNX Runtime .--target ort.*--target trt"):
+        lint_path(good)
 
 
 def _empty(tmp_path):

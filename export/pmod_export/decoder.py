@@ -102,7 +102,9 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """``[1, L, n_kv, D]`` -> ``[1, L, n_kv * groups, D]``, each KV head serving ``groups`` query heads."""
     if groups == 1:
         return x
-    return x.unsqueeze(3).expand(-1, -1, -1, groups, -1).flatten(2, 3)
+    _, L, n_kv, D = x.shape
+    # explicit sizes, no -1: ONNX Runtime's Reshape cannot infer one for an empty past
+    return x.unsqueeze(3).expand(-1, -1, -1, groups, -1).reshape(1, L, n_kv * groups, D)
 
 
 class _MultiHeadAttention(torch.autograd.Function):
@@ -117,15 +119,50 @@ class _MultiHeadAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, heads: int):
         S, L = q.shape[1], k.shape[1]
-        split = lambda t, n: t.reshape(1, n, heads, -1).transpose(1, 2)  # noqa: E731
+        split = lambda t, n: t.reshape(1, n, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
         out = F.scaled_dot_product_attention(split(q, S), split(k, L), split(v, L), attn_mask=bias)
-        return out.transpose(1, 2).reshape(1, S, -1)
+        return out.transpose(1, 2).flatten(2)
 
     @staticmethod
     def symbolic(g, q, k, v, bias, heads: int):
         out = g.op("com.microsoft::MultiHeadAttention", q, k, v, bias, num_heads_i=heads)
         out.setType(q.type())
         return out
+
+
+#: Query blocks of :func:`blocked_attention`. ONNX Runtime's CPU MultiHeadAttention with a
+#: bias materialises every score, so cutting a causal chunk into blocks that each see only the
+#: keys up to their end saves most of the masked half (2944 tokens, 8 heads, 2 CPU threads:
+#: 178 ms in one call, 115 / 77 / 63 ms in 2 / 4 / 8 blocks).
+QUERY_BLOCKS = 8
+
+
+def blocked_attention(q, k, v, past_k, past_v, past_pos, pos, heads: int, head_dim: int):
+    """Causal-by-position attention of a chunk as ``QUERY_BLOCKS`` fused MultiHeadAttention calls.
+
+    The chunk's slots are put in position order (a TopK over the positions), so query block
+    ``i`` sees every past entry (all before the chunk) and the chunk's keys up to its own end;
+    a bias masks the rest of its last block. Outputs go back to slot order. ``q``, ``k``, ``v``
+    ``[1, S, heads, D]`` (KV heads already repeated), past ``[1, P, heads, D]``; returns
+    ``[1, S, heads * D]``.
+    """
+    S = q.shape[1]
+    flat = lambda t: t.reshape(1, t.shape[1], heads * head_dim)  # noqa: E731 - no -1: a block may be empty
+    order = torch.topk(pos.float(), S, dim=1, largest=False).indices[0].to(torch.int32)  # positions < 2**24
+    q, k, v, pos = (torch.index_select(t, 1, order) for t in (q, k, v, pos))
+    keys, values, key_pos = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1), torch.cat([past_pos, pos], 1)
+    step = (S + QUERY_BLOCKS - 1) // QUERY_BLOCKS
+    P = past_pos.shape[1]
+    outs = []
+    for i in range(QUERY_BLOCKS):
+        # keys this block may see; none for a block past the chunk's end (its queries are empty)
+        end = torch.where(i * step < S, P + torch.clamp((i + 1) * step, max=S), 0)
+        qb, pb = q[:, i * step:(i + 1) * step], pos[:, i * step:(i + 1) * step]
+        allowed = key_pos[:, :end].unsqueeze(1) <= pb.unsqueeze(2)
+        bias = torch.where(allowed, 0.0, torch.finfo(q.dtype).min).to(q.dtype).unsqueeze(1)
+        outs.append(_MultiHeadAttention.apply(flat(qb), flat(keys[:, :end]), flat(values[:, :end]), bias, heads))
+    back = torch.topk(order.float(), S, largest=False).indices.to(torch.int32)  # the inverse permutation
+    return torch.index_select(torch.cat(outs, 1), 1, back)
 
 
 class Attention(nn.Module):
@@ -139,17 +176,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.n_kv * D, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
 
-    def forward(self, x, cos, sin, pos, live, past_k, past_v, past_pos, target):
+    def forward(self, x, cos, sin, pos, live, past_k, past_v, past_pos, target, blocked=False):
         """Attend slots ``x`` ``[1, S, H]`` over the past entries and themselves.
 
         ``pos`` int32 ``[1, S]``; ``live`` bool ``[1, S]`` (None: every slot live); past
-        ``[1, P, n_kv, D]`` and ``[1, P]`` (all live). Returns the output and the slots'
-        post-RoPE K and V.
+        ``[1, P, n_kv, D]`` and ``[1, P]`` (all live, all before the chunk). ``blocked``: an
+        ``ort`` export writes :func:`blocked_attention` (every slot live). Returns the output
+        and the slots' post-RoPE K and V.
         """
         nh, nkv, D = self.n_heads, self.n_kv, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(1, -1, nh, D), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(1, -1, nkv, D), cos, sin)
         v = self.v_proj(x).reshape(1, -1, nkv, D)
+        if blocked and exporting() and target == "ort" and live is None:
+            g = nh // nkv
+            out = blocked_attention(q, repeat_kv(k, g), repeat_kv(v, g), repeat_kv(past_k, g), repeat_kv(past_v, g),
+                                    past_pos, pos, nh, D)
+            return self.o_proj(out), k, v
         keys, values = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)  # [1, P+S, nkv, D]
         allowed = torch.cat([past_pos, pos], dim=1).unsqueeze(1) <= pos.unsqueeze(2)  # [1, S, P+S]
         if live is not None:
@@ -182,6 +225,15 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Router(nn.Linear):
+    """The MoD router ``Linear(H, 1)``, computed in float32 whatever the model's dtype (the
+    scores decide which tokens a layer keeps; in a float16 graph the MatMul stays float32)."""
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 class DecoderLayer(nn.Module):
     """A LLaMA layer; with a ``ratio`` it is a MoD layer and owns a router."""
 
@@ -193,19 +245,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ratio = ratio
         if ratio is not None:
-            self.router = nn.Linear(config.hidden_size, 1, bias=config.mod_bias_enabled)
+            self.router = Router(config.hidden_size, 1, bias=config.mod_bias_enabled)
             kind, self.w_scale, self.w_bias = config.weight_norm
             self.w_fn = WEIGHT_FNS[kind]
 
-    def block(self, x, tables, pos, live, past, target):
-        a, k, v = self.self_attn(self.input_layernorm(x), *tables, pos, live, *past, target)
+    def block(self, x, tables, pos, live, past, target, blocked=False):
+        a, k, v = self.self_attn(self.input_layernorm(x), *tables, pos, live, *past, target, blocked)
         h = x + a
         return h, self.mlp(self.post_attention_layernorm(h)), k, v
 
     def route(self, x_v):
-        """Router logits ``s`` and weights ``w`` ``[1, n]`` of the vision slots, in float32 throughout."""
-        r = self.router
-        s = F.linear(x_v.float(), r.weight.float(), None if r.bias is None else r.bias.float())[..., 0]
+        """Router logits ``s`` and weights ``w`` ``[1, n]`` of the vision slots (float32)."""
+        s = self.router(x_v)[..., 0]
         return s, self.w_scale * self.w_fn(s) + self.w_bias
 
 
@@ -261,16 +312,31 @@ def gather_slots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.index_select(x, 1, idx[0])
 
 
-def scatter_slots(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+class _ScatterRows(torch.autograd.Function):
+    """ONNX ``ScatterND`` of whole rows: ``data`` ``[N, H]``, ``indices`` int64 ``[C, 1]``, ``updates`` ``[C, H]``."""
+
+    @staticmethod
+    def forward(ctx, data, indices, updates):
+        return data.index_copy(0, indices[:, 0], updates)
+
+    @staticmethod
+    def symbolic(g, data, indices, updates):
+        return g.op("ScatterND", data, indices, updates)
+
+
+def scatter_slots(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, target: str | None) -> torch.Tensor:
     """``x`` ``[1, N, H]`` with rows ``idx`` (distinct, int32 ``[1, C]``) replaced by ``rows``.
 
-    The int64 cast is the last op before the scatter, so the exporter's Cast can be dropped
-    (``pmod_export.onnx_export.narrow_index_casts``): ScatterElements takes int32 indices.
-    Eagerly the rows are written in place, saving a copy of ``x``: the caller passes a
-    temporary.
+    ``ort``: a row-wise ScatterND (int64 indices, as ONNX requires; ONNX Runtime's elementwise
+    ScatterElements was a tenth of a small p-MoD prefill). ``trt``: ScatterElements, whose
+    int32 indices TensorRT prefers: the int64 cast is the last op before it, so the exporter's
+    Cast can be dropped (``pmod_export.onnx_export.narrow_index_casts``). Eagerly the rows are
+    written in place, saving a copy of ``x``: the caller passes a temporary.
     """
     if not exporting():
         return x.index_copy_(1, idx[0].long(), rows)
+    if target == "ort":
+        return _ScatterRows.apply(x[0], idx[0].long().unsqueeze(1), rows[0]).unsqueeze(0)
     index = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]).long()
     return x.scatter(1, index, rows)
 
@@ -349,7 +415,7 @@ class StaticDecoder(nn.Module):
             if layer.ratio is None:
                 x, pos = torch.cat([x_t, x_v], dim=1), torch.cat([pos_t, pos_v], dim=1)
                 live = None if live_v is None else torch.cat([torch.ones_like(pos_t, dtype=torch.bool), live_v], 1)
-                h, m, k, v = layer.block(x, self._tables(pos), pos, live, past_l, target)
+                h, m, k, v = layer.block(x, self._tables(pos), pos, live, past_l, target, form == "shape")
                 out = h + m
                 x_t, x_v = out[:, :Tt], out[:, Tt:]
                 if live_v is not None:  # padding stays inert, whatever attention gave a dead row
@@ -376,13 +442,13 @@ class StaticDecoder(nn.Module):
             x = torch.cat([x_t, gather_slots(x_v, idx)], dim=1)
             pos = torch.cat([pos_t, gather_slots(pos_v, idx)], dim=1)
             live = None if live_sel is None else torch.cat([torch.ones_like(pos_t, dtype=torch.bool), live_sel], 1)
-            h, m, k, v = layer.block(x, self._tables(pos), pos, live, past_l, target)
+            h, m, k, v = layer.block(x, self._tables(pos), pos, live, past_l, target, form == "shape")
             gate = torch.cat([torch.ones_like(x_t[..., 0]), gather_slots(w.to(x_t.dtype), idx)], dim=1)
             out = h + gate.unsqueeze(-1) * m
             kept = out[:, Tt:]
             if live_sel is not None:
                 kept = torch.where(live_sel.unsqueeze(-1), kept, gather_slots(skip, idx))
-            x_t, x_v = out[:, :Tt], scatter_slots(skip, idx, kept)
+            x_t, x_v = out[:, :Tt], scatter_slots(skip, idx, kept, target)
             new += [k, v, pos]
         if form == "text":
             h_all, pos_all = x_t, pos_t

@@ -1,6 +1,6 @@
 """What ``pmod bench`` builds once and keeps: the cache folder, its keys, and the ONNX
 graphs and TensorRT engines of a checkpoint (``pmod export onnx`` / ``pmod trt build`` in
-subprocesses, once per checkpoint, N, dtype and retention)."""
+subprocesses, once per checkpoint, N, dtype, retention and target)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ..config import FORMAT_VERSION
+from ..static.manifest import MANIFEST_VERSION
 from .processes import note, run_pmod
 
 CACHE_ENV = "PMOD_CACHE"
@@ -34,22 +35,23 @@ def _identity(ckpt: Path) -> dict:
     return dict(path=str(ckpt.resolve()), files=[(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
-def onnx_export(ckpt: Path, max_vision: int, dtype: str, retention: float = 1.0) -> Path:
-    """``pmod export onnx`` of ``ckpt`` for ``N = max_vision`` at ``retention`` (its capacities
-    are static), once per (checkpoint, N, dtype, retention)."""
-    key = digest(dict(ckpt=_identity(ckpt), N=max_vision, dtype=dtype, retention=retention, format=FORMAT_VERSION))
-    out = cache_root() / "bench" / "onnx" / f"{ckpt.name}-N{max_vision}-{dtype}-S{retention:g}-{key}"
+def onnx_export(ckpt: Path, max_vision: int, dtype: str, retention: float = 1.0, target: str = "ort") -> Path:
+    """``pmod export onnx`` of ``ckpt`` for ``N = max_vision`` at ``retention`` (its ratios are
+    built in) for ``target``, once per (checkpoint, N, dtype, retention, target, manifest version)."""
+    key = digest(dict(ckpt=_identity(ckpt), N=max_vision, dtype=dtype, retention=retention, format=FORMAT_VERSION,
+                      target=target, manifest=MANIFEST_VERSION))
+    out = cache_root() / "bench" / "onnx" / f"{ckpt.name}-N{max_vision}-{dtype}-S{retention:g}-{target}-{key}"
     if not out.is_dir():
-        note(f"exporting ONNX graphs (N = {max_vision}, {dtype}, retention {retention:g}) once to {out}")
+        note(f"exporting ONNX graphs (N = {max_vision}, {dtype}, retention {retention:g}, target {target}) once to {out}")
         run_pmod(["export", "onnx", "--model", str(ckpt), "--out", str(out), "--max-vision-tokens", str(max_vision),
-                  "--dtype", dtype, "--retention", str(retention)], "the ONNX export")
+                  "--dtype", dtype, "--retention", str(retention), "--target", target], "the ONNX export")
     return out
 
 
 def trt_engines(ckpt: Path, max_vision: int, dtype: str | None, retention: float = 1.0) -> Path:
     """``pmod trt build`` over the cached ONNX export, once per (checkpoint, N, precision, retention)."""
     precision = {"float16": "fp16", "bfloat16": "bf16"}.get(dtype or "float32", "fp32")
-    graphs = onnx_export(ckpt, max_vision, "float16" if precision == "fp16" else "float32", retention)
+    graphs = onnx_export(ckpt, max_vision, "float16" if precision == "fp16" else "float32", retention, "trt")
     out = graphs.parent.parent / "trt" / f"{graphs.name}-{precision}"
     if not out.is_dir():
         note(f"building TensorRT engines ({precision}) once to {out}")

@@ -125,6 +125,6 @@ def make_plan(args) -> Plan:
 
 def _one_image_tokens(config: PmodConfig) -> int:
     """Routed vision tokens of one image of the model."""
-    from pmod_export.onnx_export import one_image_vision_tokens
+    from ..static.contract import one_image_vision_tokens
 
     return one_image_vision_tokens(config)

@@ -61,7 +61,7 @@ def run_bench(plan: Plan) -> dict:
     for b in plan.backends:
         why = missing(b)
         if why is None and b == "onnx":
-            from pmod_export.onnx_export import EXPORT_DTYPES
+            from ..static.contract import EXPORT_DTYPES
 
             if (plan.dtype or "float32") not in EXPORT_DTYPES:
                 why = f"the ONNX export has no {plan.dtype} (--dtype {' or '.join(EXPORT_DTYPES)})"

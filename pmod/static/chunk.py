@@ -14,8 +14,10 @@ Then, by the export's vision form (docs/EXPORT.md):
   says how many are real; MoD layers take a constant ``C_l(B)`` and the first ``k_l`` are
   live. Each layer keeps its live slots only.
 
-A chunk without routed vision tokens (decode steps, text-only prompts, the dense twin) runs the
-``decode`` graph.
+A chunk without routed vision tokens runs the ``decode`` graph, except that an export whose
+prefill graph takes text alone (``text_prefill``: ONNX Runtime's, whose prefill attention is
+blocked by position) runs text chunks longer than one token there, so a text-only prompt or the
+dense twin prefills as fast as an image prompt; decode steps stay on the ``decode`` graph.
 """
 
 from __future__ import annotations
@@ -48,12 +50,15 @@ class Planner:
 
     ``max_vision``: N, the most routed tokens a chunk may carry (None: no limit, one TopK stage
     per MoD layer, as an eager model selects). ``buckets``: the bucket form's vision slots.
+    ``text_prefill``: text chunks of more than one token go to the shape-form ``prefill`` graph.
     ``flag`` and ``then`` word the error for a chunk over N (what to re-export with, what else).
     """
 
     def __init__(self, config: PmodConfig, max_vision: int | None, retention: float = 1.0,
-                 buckets: list[int] | None = None, flag: str = "--max-vision-tokens", then: str = ""):
+                 buckets: list[int] | None = None, flag: str = "--max-vision-tokens", then: str = "",
+                 text_prefill: bool = False):
         self.config, self.retention, self.max_vision, self.buckets = config, retention, max_vision, buckets
+        self.text_prefill = text_prefill and buckets is None
         self.ratios = layer_ratios(config, retention)
         self.stages = (layer_stages(config, max_vision, retention) if max_vision is not None
                        else [None if r is None else 1 for r in self.ratios])
@@ -73,7 +78,7 @@ class Planner:
         text = ~mask
         feeds = {"text_embeds": embeds[text][None], "text_positions": positions[text][None]}
         Tt = T - n
-        if n == 0:
+        if n == 0 and (T == 1 or not self.text_prefill):
             return Step("decode", feeds, [Tt] * L, [Tt] * L, T, 0)
         kept = capacities(self.config, n, self.retention)
         live = [Tt + k for k in kept]

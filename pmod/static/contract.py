@@ -67,6 +67,11 @@ def bucket_graph(size: int) -> str:
     return f"{BUCKET_PREFIX}{int(size)}"
 
 
+def is_bucket(graph: str) -> bool:
+    """Whether ``graph`` names a bucket's prefill graph."""
+    return graph.startswith(BUCKET_PREFIX)
+
+
 def check_buckets(buckets, context: int) -> list[int]:
     """``buckets`` as a list of ints, or a one-line error unless strictly increasing, >= 1, <= ``context``."""
     try:

@@ -43,7 +43,8 @@ class StaticEngine(Engine):
         self.config = dataclasses.replace(m.pmod_config, max_position_embeddings=m.max_context)
         self.np_dtype = np.dtype(m.dtype)
         self.planner = Planner(self.config, m.max_vision_tokens, m.retention,
-                               m.buckets if m.form == "buckets" else None, then=self.redo)
+                               m.buckets if m.form == "buckets" else None, then=self.redo,
+                               text_prefill=m.target == "ort" and "prefill" in m.graphs)
         self._position = 0
 
     def kv_capacity(self) -> list[int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import FORMAT_VERSION, PmodConfig
 from ..errors import PmodError
 from ..schedule import capacities, check_retention
-from .contract import BUCKET_PREFIX, TARGETS, bucket_graph, layer_stages
+from .contract import TARGETS, bucket_graph
 
 MANIFEST = "manifest.json"
 EXPORT_FORMAT, ENGINE_FORMAT = "pmod-onnx", "pmod-trt"
@@ -189,15 +189,6 @@ def _check(m: Manifest, path: Path, directory: Path) -> None:
         for f in (g.file, g.external_data):
             if f and not (directory / f).is_file():
                 raise PmodError(f"{directory / f} is missing (graph '{name}' in {MANIFEST}); {fix}")
-
-
-def stages_of(m: Manifest) -> list[int | None]:
-    """TopK stages per layer of the shape-form prefill graph (None: dense layer)."""
-    return layer_stages(m.pmod_config, m.max_vision_tokens, m.retention)
-
-
-def is_bucket(graph: str) -> bool:
-    return graph.startswith(BUCKET_PREFIX)
 
 
 def check_io(manifest_path: Path, spec: GraphSpec, actual_inputs, actual_outputs, fix: str,

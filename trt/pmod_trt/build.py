@@ -1,14 +1,13 @@
 """``pmod trt build``: TensorRT engines from an ONNX export directory, with their manifest.
 
-Steps (docs/TENSORRT.md): check the arguments and the export's manifest; load TensorRT and
-find the GPU (either missing: one line, exit 2, nothing written); run the export's
-TensorRT-compatibility lint (``pmod export lint``, in a subprocess: it lives in pmod_export,
-which this runtime may not import) and stop on any finding; then, inside a temporary
-directory that becomes ``--out`` only on success (``pmod.format.atomic_dir``), parse each
-graph, give it its optimisation profiles (:mod:`pmod_trt.profiles`), build and serialise
-it with one timing cache shared by all graphs, and write ``manifest.json``, the timing
-cache and the tokenizer / preprocessor files (so the directory is all
-``pmod generate --backend trt`` needs).
+Steps (docs/TENSORRT.md): check the arguments and the export's manifest (a ``--target trt``
+export); load TensorRT and find the GPU (either missing: one line, exit 2, nothing written);
+run the TensorRT-compatibility lint (:mod:`pmod.static.lint`) and stop on any finding; then,
+inside a temporary directory that becomes ``--out`` only on success
+(``pmod.format.atomic_dir``), parse each graph, give it its optimisation profiles
+(:mod:`pmod_trt.profiles`), build and serialise it with one timing cache shared by all
+graphs, and write ``manifest.json``, the timing cache and the tokenizer / preprocessor files
+(so the directory is all ``pmod generate --backend trt`` needs).
 
 Precision (:func:`build_plan`):
 
@@ -17,10 +16,11 @@ Precision (:func:`build_plan`):
 * ``fp16``: a float16 export (``pmod export onnx --dtype float16``), strongly typed: TensorRT
   follows the graph's own types, so the RMSNorm statistics and router logits the graph
   computes in float32 stay float32.
-* ``bf16``: a float32 export built weakly typed with the BF16 builder flag (TensorRT 10
-  only: 11 removed weak typing, and pmod writes no bfloat16 graphs), on compute
-  capability 8.0 or newer; the norms, routers, router weights and TopK are pinned to
-  float32 (:func:`keep_fp32`), so routing decisions see float32 scores.
+* ``bf16``: a float32 export built weakly typed with the BF16 builder flag (TensorRT 10's
+  weak typing; pmod writes no bfloat16 graphs), on compute capability 8.0 or newer; the
+  norms (by name, :func:`keep_fp32`) and every node along the data flow from each router to
+  its TopK and its token weights (:func:`routing_nodes`) are pinned to float32, so routing
+  decisions see float32 scores.
 
 TF32 is disabled in every case: router scores decide which tokens a layer keeps, and the
 fp32 engines are meant to match ONNX Runtime to 1e-3.
@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pmod.errors import PmodError
 from pmod.format import TOKENIZER_FILES, atomic_dir
 from pmod.image import PREPROCESSOR_FILE
+from pmod.static.manifest import ENGINE_FORMAT
 
 from . import cuda, deps
-from .manifest import EngineManifest, EngineSpec, read_onnx_export
+from .manifest import read_trt_export
 from .profiles import graph_profiles
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -58,11 +58,8 @@ class BuildPlan:
     pin_fp32: bool  # pin keep_fp32 layers to float32 (weak typing only)
 
 
-def build_plan(precision: str, export_dtype: str, tensorrt_version: str | None = None) -> BuildPlan:
-    """How to build ``precision`` engines from an export in ``export_dtype`` (one-line errors otherwise).
-
-    ``tensorrt_version`` None checks only what does not depend on TensorRT.
-    """
+def build_plan(precision: str, export_dtype: str) -> BuildPlan:
+    """How to build ``precision`` engines from an export in ``export_dtype`` (one-line errors otherwise)."""
     if precision not in PRECISIONS:
         raise PmodError(f"--precision {precision!r} is not supported: choose one of {', '.join(PRECISIONS)}")
     need = {"fp32": "float32", "fp16": "float16", "bf16": "float32"}[precision]
@@ -72,45 +69,88 @@ def build_plan(precision: str, export_dtype: str, tensorrt_version: str | None =
                "bf16": "bf16 engines are built from a float32 export"}[precision]
         raise PmodError(f"the export is {export_dtype}; {why}: re-export with 'pmod export onnx --dtype {need}'")
     if precision == "bf16":
-        if tensorrt_version is not None and deps.version_tuple(tensorrt_version)[:1] >= (11,):
-            raise PmodError(f"bf16 needs TensorRT 10's weak typing (TensorRT {tensorrt_version} builds only strongly "
-                            "typed networks, and pmod writes no bfloat16 graphs): use --precision fp16 with a "
-                            "float16 export")
         return BuildPlan(precision, strongly_typed=False, flag="BF16", pin_fp32=True)
     return BuildPlan(precision, strongly_typed=True, flag=None, pin_fp32=False)
 
 
 def keep_fp32(layer_name: str) -> bool:
-    """Whether a layer (named after its ONNX node, e.g. ``/post_attention_layernorm_3/Pow``) stays float32.
+    """Whether a layer (named after its ONNX node, e.g. ``/lm/layers.3/post_attention_layernorm/Pow``) is a norm.
 
-    RMSNorm (``*layernorm*``, ``norm``; CLIP's ``layer_norm``/``layrnorm``), the routers
-    (``/router*/``), and the top-level router weight (``Tanh``, ``Sigmoid``) and selection
-    (``TopK``) nodes. MLP and attention matmuls are not kept.
+    RMSNorm (``*layernorm*``, ``norm``) and CLIP's ``layer_norm`` / ``layrnorm`` scopes: their
+    statistics stay float32. Routing is pinned by data flow (:func:`routing_nodes`), not by name.
     """
-    parts = [p for p in layer_name.split("/") if p]
-    if not parts:
-        return False
-    scopes, op = parts[:-1], parts[-1]
+    scopes = [p for p in layer_name.split("/") if p][:-1]
     for s in scopes:
         base = s.rsplit("_", 1)[0] if s.rsplit("_", 1)[-1].isdigit() else s
-        if "router" in s or "layernorm" in s or "layer_norm" in s or "layrnorm" in s or base == "norm":
+        if "layernorm" in s or "layer_norm" in s or "layrnorm" in s or base == "norm":
             return True
-    return not scopes and op.split("_")[0] in ("TopK", "Tanh", "Sigmoid")
+    return False
+
+
+#: Ops that carry router scores on without mixing in hidden states (their other inputs are
+#: constants or non-float tensors: masks, indices).
+_ROUTING_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Tanh", "Sigmoid", "Squeeze", "Unsqueeze", "Reshape",
+                          "Gather", "Where", "Cast", "Concat", "ScatterElements", "TopK", "Identity", "Flatten"})
+
+
+def routing_nodes(model) -> set[str]:
+    """Names of the nodes along the data flow from every router to its TopK and token weights.
+
+    Routers are the MatMul/Gemm nodes with a weight initializer of one output feature. From
+    them the flow follows consumers in ``_ROUTING_OPS`` whose other inputs are initializers,
+    constants, non-float tensors or themselves on the flow (so it stops where scores meet
+    the hidden states, ``w * x``), and ends at each TopK: the score Squeeze, the padding
+    Where, the masking scatter of split selections, the casts and the weight function all
+    stay float32.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consts = set(inits)  # tensors computed from constants and shapes only (nodes come in topological order)
+    for n in g.node:
+        if n.op_type in ("Constant", "Shape", "Size") or all(i in consts for i in n.input if i):
+            consts.update(n.output)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(g.input)}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def is_router(n) -> bool:
+        w = inits.get(n.input[1]) if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 else None
+        return w is not None and 1 in numpy_helper.to_array(w).shape[-1:]
+
+    flow = {n.name: n for n in g.node if is_router(n)}
+    tensors = {o for n in flow.values() for o in n.output}
+    frontier = list(flow.values())
+    while frontier:
+        node = frontier.pop()
+        if node.op_type == "TopK":
+            continue  # the selection's indices leave the float flow
+        for out in node.output:
+            for c in consumers.get(out, []):
+                if c.name in flow or c.op_type not in _ROUTING_OPS:
+                    continue
+                others = [i for i in c.input if i and i not in tensors]
+                if all(i in consts or types.get(i) not in floats for i in others):
+                    flow[c.name] = c
+                    tensors.update(c.output)
+                    frontier.append(c)
+    return set(flow)
 
 
 def run_lint(onnx_dir: Path) -> None:
-    """``pmod export lint DIR`` in a subprocess (pmod_trt may not import pmod_export); stop on findings."""
-    r = subprocess.run([sys.executable, "-m", "pmod", "export", "lint", str(onnx_dir)],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
-    if r.returncode == 0:
-        return
-    findings = [line for line in r.stdout.splitlines() if line.strip()]
+    """The TensorRT-compatibility lint of every graph; any finding stops the build before TensorRT runs."""
+    from pmod.static.lint import lint_path
+
+    findings = lint_path(onnx_dir)
     if findings:
         raise PmodError(f"{onnx_dir} fails the TensorRT-compatibility lint ({len(findings)} finding(s), first: "
                         f"{findings[0]}); nothing was built: 'pmod export lint {onnx_dir}' lists them")
-    last = next((line for line in reversed(r.stderr.splitlines()) if line.strip()), f"exit status {r.returncode}")
-    raise PmodError(f"the TensorRT-compatibility lint of {onnx_dir} did not run "
-                    f"({last.removeprefix('pmod: error: ')}); it runs before every build")
 
 
 def build_engines(onnx_dir, out_dir, precision: str = "fp32", workspace_gb: float | None = None,
@@ -125,10 +165,9 @@ def build_engines(onnx_dir, out_dir, precision: str = "fp32", workspace_gb: floa
         raise PmodError(f"--workspace must be a positive number of GiB, got {workspace_gb!r}")
     if out_dir.exists():
         raise PmodError(f"output {out_dir} already exists; remove it or choose another path")
-    export = read_onnx_export(onnx_dir)
-    build_plan(precision, export.dtype)  # the checks that need no TensorRT, before loading it
+    export = read_trt_export(onnx_dir)
+    plan = build_plan(precision, export.dtype)  # the checks that need no TensorRT, before loading it
     trt = deps.tensorrt(_WHAT)
-    plan = build_plan(precision, export.dtype, trt.__version__)
     gpu = cuda.gpu_info(_WHAT)
     if precision == "bf16" and deps.version_tuple(gpu["compute_capability"]) < (8, 0):
         raise PmodError(f"bf16 needs compute capability 8.0 or newer; {gpu['name']} has {gpu['compute_capability']}: "
@@ -143,7 +182,7 @@ def build_engines(onnx_dir, out_dir, precision: str = "fp32", workspace_gb: floa
     cache_in = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_in.read_bytes() if cache_in and cache_in.is_file() else b""
     graphs = [g for g in ORDER if g in export.graphs]
-    engines: dict[str, EngineSpec] = {}
+    engines = {}
     cache = None
     with atomic_dir(out_dir) as tmp:
         with tqdm(total=len(graphs), unit="engine", desc="TensorRT", disable=not progress, file=sys.stderr) as bar:
@@ -167,8 +206,8 @@ def build_engines(onnx_dir, out_dir, precision: str = "fp32", workspace_gb: floa
                 file = f"{g}.engine"
                 with open(tmp / file, "wb") as f:
                     f.write(serialized)
-                engines[g] = EngineSpec(file=file, onnx=spec.file, inputs=spec.inputs, outputs=spec.outputs,
-                                        profiles=profiles[g])
+                engines[g] = replace(spec, file=file, external_data=None, source=spec.file,
+                                     profiles=[p.to_dict() for p in profiles[g]])
                 del network, parser, config, serialized
                 bar.update(1)
         cache_data = bytes(memoryview(cache.serialize())) if cache is not None else b""
@@ -176,15 +215,10 @@ def build_engines(onnx_dir, out_dir, precision: str = "fp32", workspace_gb: floa
         for f in TOKENIZER_FILES + (PREPROCESSOR_FILE,):
             if (onnx_dir / f).is_file() and not (tmp / f).exists():
                 shutil.copy2(onnx_dir / f, tmp / f)
-        EngineManifest(
-            tensorrt_version=str(trt.__version__), gpu=gpu, precision=precision, dtype=export.dtype,
-            max_vision_tokens=export.max_vision_tokens, max_context=export.max_context,
-            capacities=export.capacities, layer_ratios=export.layer_ratios, retention=export.retention, kv=export.kv,
-            config=export.config,
-            engines={g: engines[g] for g in graphs},
-            build={"strongly_typed": plan.strongly_typed, "flag": plan.flag, "workspace_gb": workspace_gb,
-                   "timing_cache": TIMING_CACHE, "tf32": False, "source": str(onnx_dir.resolve())},
-        ).write(tmp)
+        replace(export, format=ENGINE_FORMAT, graphs={g: engines[g] for g in graphs}, engine={
+            "tensorrt_version": str(trt.__version__), "gpu": gpu, "precision": precision,
+            "build": {"strongly_typed": plan.strongly_typed, "flag": plan.flag, "workspace_gb": workspace_gb,
+                      "timing_cache": TIMING_CACHE, "tf32": False, "source": str(onnx_dir.resolve())}}).write(tmp)
     if cache_in is not None:
         part = cache_in.with_name(cache_in.name + ".tmp")
         part.write_bytes(cache_data)
@@ -205,6 +239,11 @@ def _configure(trt, config, plan: BuildPlan, workspace_gb, cache) -> None:
                             "with a float16 export")
         config.set_flag(flag)
         config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+    # Let the runtime size activation memory to the shapes of each run (TensorRT 10.10+;
+    # earlier 10.x size it per profile), with the user-managed memory pmod_trt.engine gives.
+    resize = getattr(getattr(trt, "PreviewFeature", None), "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+    if resize is not None:
+        config.set_preview_feature(resize, True)
     if config.set_timing_cache(cache, False) is False:
         raise PmodError("TensorRT refused the timing cache (made by another TensorRT version or GPU?): "
                         "pass another --timing-cache or none")
@@ -222,10 +261,14 @@ def _parse(trt, builder, log, path: Path, plan: BuildPlan):
         raise PmodError(f"TensorRT's ONNX parser rejects {path.name} ({len(errors)} error(s), first: {first}); "
                         "check it with 'pmod export lint' and re-export it")
     if plan.pin_fp32:
+        import onnx
+
+        routing = routing_nodes(onnx.load(str(path), load_external_data=False))
         floats = {trt.float32, trt.float16, getattr(trt, "bfloat16", trt.float16)}
         for i in range(network.num_layers):
             layer = network.get_layer(i)
-            if not keep_fp32(layer.name) or layer.num_outputs == 0 or layer.get_output(0).dtype not in floats:
+            pinned = layer.name in routing or keep_fp32(layer.name)
+            if not pinned or layer.num_outputs == 0 or layer.get_output(0).dtype not in floats:
                 continue
             layer.precision = trt.float32
             for j in range(layer.num_outputs):

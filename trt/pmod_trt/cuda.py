@@ -24,6 +24,7 @@ from .deps import INSTALL
 
 _cudart = None
 #: Smallest allocation: every buffer has a real (non-null) address, even for empty tensors.
+#: (cudaMalloc's addresses are 256-byte aligned, as TensorRT wants every tensor address.)
 MIN_BYTES = 256
 
 
@@ -115,6 +116,14 @@ def to_device(ptr: int, array: np.ndarray, stream: Stream) -> None:
         rt = cudart()
         kind = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         check(rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, stream.handle), "copy to the GPU")
+
+
+def on_device(dst: int, src: int, nbytes: int, stream: Stream) -> None:
+    """Copy ``nbytes`` between device addresses (asynchronously on ``stream``)."""
+    if nbytes:
+        rt = cudart()
+        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        check(rt.cudaMemcpyAsync(dst, src, nbytes, kind, stream.handle), "copy on the GPU")
 
 
 def to_host(array: np.ndarray, ptr: int, stream: Stream) -> None:

@@ -13,6 +13,9 @@ import sys
 from pmod.errors import PmodError
 
 INSTALL = "pip install 'pmod[trt]' on a machine with an NVIDIA GPU and driver"
+#: The TensorRT versions this code is written and tested for: 10.x from 10.1 (user-managed
+#: context memory sized per shape, shape-tensor TopK K). The ``trt`` extra pins the same.
+SUPPORTED = ((10, 1), (11,))
 
 
 def tensorrt(what: str):
@@ -26,8 +29,10 @@ def tensorrt(what: str):
         raise PmodError(f"{what} needs an NVIDIA GPU with TensorRT (tensorrt does not load: "
                         f"{_first_line(e)}): {INSTALL}") from None
     version = getattr(trt, "__version__", "?")
-    if version_tuple(version)[:1] < (10,):
-        raise PmodError(f"{what} needs TensorRT 10 or newer (the name-based tensor API), found {version}: {INSTALL}")
+    low, high = SUPPORTED
+    if not low <= version_tuple(version) < high:
+        raise PmodError(f"{what} is written for TensorRT {low[0]}.{low[1]} to {high[0]} (exclusive), found {version}: "
+                        f"pip install 'tensorrt>={low[0]}.{low[1]},<{high[0]}'")
     return trt
 
 

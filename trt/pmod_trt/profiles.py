@@ -2,37 +2,47 @@
 
 Every dynamic dimension of an exported graph's inputs is named in the manifest
 (docs/EXPORT.md); this module gives each name a ``(min, opt, max)`` per graph, from the
-declared context ``T`` (``max_context``), vision capacity ``N`` (``max_vision_tokens``) and
-per-layer capacities ``C_l``:
+declared context ``T`` (``max_context``), the vision maximum ``N`` (``max_vision_tokens``),
+per-layer capacities ``C_l = kept_count(N, r_l)`` and each TopK stage's share ``K_ls`` of it:
 
-========== ================ ================================= ===================================
-graph      profile          dimension                         min / opt / max
-========== ================ ================================= ===================================
-embed      ``tokens``       ``tokens`` (a text segment)       1 / min(T, OPT_TEXT) / T
-vision     ``image``        ``tiles``, ``image_tokens``       1 / M / M, M of the largest image
-prefill    ``prompt``       ``text_len`` (unrouted tokens)    0 / min(T-1, OPT_TEXT) / T-1
-                            ``past_len_l``                    0 / 0 / T-1
-decode     ``step``         ``text_len``                      1 / 1 / 1
-                            ``past_len_l``                    0 / min(T-1, OPT_HISTORY + C_l) / T-1
-decode     ``chunk``        ``text_len``                      1 / min(T, OPT_TEXT) / T
-                            ``past_len_l``                    0 / 0 / T-1
-========== ================ ================================= ===================================
+========== ========= ================================ ======================================
+graph      profile   dimension                        min / opt / max
+========== ========= ================================ ======================================
+embed      tokens    ``tokens`` (a text segment)      1 / min(T, OPT_TEXT) / T
+vision     image     ``tiles``, ``image_tokens``      1 / M / M, M of the largest image
+prefill,   first     ``text_len`` (unrouted tokens)   0 / min(T-1, OPT_TEXT) / T-1
+prefill_B            ``vision_len`` (prefill only)    1 / N / N
+                     ``keep_l_s`` (prefill only)      0 / K_ls / K_ls
+                     ``past_len_l``                   0 / 0 / 0
+           later     as ``first``, and ``past_len_l`` 0 / min(T-1, OPT_HISTORY + C_l) / T-1
+decode     step      ``text_len``                     1 / 1 / 1
+                     ``past_len_l``                   0 / min(T-1, OPT_HISTORY + C_l) / T-1
+decode     chunk     ``text_len``                     1 / min(T, OPT_TEXT) / T
+                     ``past_len_l``                   0 / 0 / T-1
+========== ========= ================================ ======================================
 
 Why these ranges: a prefill chunk holds ``n >= 1`` routed vision tokens (else it goes to the
 decode graph), so its text and every layer's past are at most ``T - 1``; an all-vision
-chunk has ``text_len = 0`` and a first chunk an empty cache, so both start at 0. The vision
-stream of the prefill graph is fixed at ``N`` slots, so it needs no range.
+chunk has ``text_len = 0``, and a MoD layer may keep no token of a small image, so those
+start at 0. ``first`` serves a prompt on an empty cache (the common case: kernels tuned for
+no history), ``later`` a chunk on top of earlier turns.
+
+Memory does not follow the profile maxima: no profile can say that text, vision and history
+*together* stay within ``T``, and the corner where text and history both reach ``T - 1``
+would be a ``T x 2T`` score tensor per head (8.7 GB in float32 at LLaVA-NeXT-7B). The
+runtime therefore creates its contexts with user-managed memory and gives each run what
+TensorRT says the current shapes need (``update_device_memory_size_for_shapes``; the build
+turns on runtime activation resizing where TensorRT has it).
 
 Per-layer KV lengths. A MoD layer holds fewer tokens than a dense one (``text + k_l`` vision
 tokens against ``text + n``), so the decode step profile tunes each layer for its own
 length: ``OPT_HISTORY`` text tokens plus the ``C_l`` vision tokens it keeps of one full
 image. The *maximum* cannot be lowered per layer: a text-only context of ``T`` tokens fills
-every layer, MoD or not, so each past range ends at ``T - 1``. What does shrink per layer
-is the KV buffer the runtime allocates (``T + C_l`` entries, see ``pmod_trt.engine``).
+every layer, MoD or not, so each past range ends at ``T - 1``.
 
-Decode has two profiles, the first that accepts a call's shapes is used
-(:func:`select_profile`): ``step`` (one token, the hot path, kernels tuned for it) and
-``chunk`` (text chunks of any length: text-only prompts, later turns).
+Each graph's profiles are tried in order and the first that accepts a call's shapes is used
+(:func:`select_profile`): decode ``step`` (one token, the hot path) before ``chunk`` (text
+chunks of any length), prefill ``first`` before ``later``.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pmod.errors import PmodError
+from pmod.static.contract import is_bucket, keep_names, layer_stages, stage_sizes
 
 #: Prompt text tokens the prefill, text-chunk and embed profiles are tuned for.
 OPT_TEXT = 64
@@ -104,7 +115,8 @@ def _clip(lo: int, opt: int, hi: int) -> tuple[int, int, int]:
 
 
 def dimension_ranges(export, graph: str, profile: str) -> dict[str, tuple[int, int, int]]:
-    """``name -> (min, opt, max)`` of the dynamic dimensions of ``graph`` in ``profile``."""
+    """``name -> (min, opt, max)`` of the dynamic dimensions of ``graph`` in ``profile``
+    (``export``: a :class:`pmod.static.manifest.Manifest`)."""
     T, caps = export.max_context, export.capacities
     L = len(caps)
     if graph == "embed":
@@ -112,24 +124,38 @@ def dimension_ranges(export, graph: str, profile: str) -> dict[str, tuple[int, i
     if graph == "vision":
         tiles, tokens = vision_limits(export.pmod_config)
         return {"tiles": (1, tiles, tiles), "image_tokens": (1, tokens, tokens)}
-    if graph == "prefill":
-        return {"text_len": _clip(0, OPT_TEXT, T - 1), **{f"past_len_{l}": (0, 0, T - 1) for l in range(L)}}
+    history = {f"past_len_{l}": _clip(0, OPT_HISTORY + caps[l], T - 1) for l in range(L)}
+    if graph == "prefill" or is_bucket(graph):
+        if profile not in ("first", "later"):
+            raise PmodError(f"no optimisation profile '{profile}' for graph '{graph}'")
+        dims = {"text_len": _clip(0, OPT_TEXT, T - 1)}
+        if graph == "prefill":
+            N = export.max_vision_tokens
+            dims["vision_len"] = (1, N, N)
+            for l, stages in enumerate(layer_stages(export.pmod_config, N, export.retention)):
+                for name, k in zip(keep_names(l, stages or 0), stage_sizes(caps[l], stages or 0)):
+                    dims[name] = (0, k, k)
+        past = {f"past_len_{l}": (0, 0, 0) for l in range(L)} if profile == "first" else history
+        return {**dims, **past}
     if graph == "decode" and profile == "step":
-        return {"text_len": (1, 1, 1), **{f"past_len_{l}": _clip(0, OPT_HISTORY + caps[l], T - 1) for l in range(L)}}
+        return {"text_len": (1, 1, 1), **history}
     if graph == "decode" and profile == "chunk":
         return {"text_len": _clip(1, OPT_TEXT, T), **{f"past_len_{l}": (0, 0, T - 1) for l in range(L)}}
     raise PmodError(f"no optimisation profile '{profile}' for graph '{graph}'")
 
 
-#: graph -> its profiles, most specific first (:func:`select_profile` takes the first that fits).
-PROFILE_NAMES = {"embed": ("tokens",), "vision": ("image",), "prefill": ("prompt",), "decode": ("step", "chunk")}
+def profile_names(graph: str) -> tuple[str, ...]:
+    """``graph``'s profiles, most specific first (:func:`select_profile` takes the first that fits)."""
+    if graph == "prefill" or is_bucket(graph):
+        return ("first", "later")
+    return {"embed": ("tokens",), "vision": ("image",), "decode": ("step", "chunk")}[graph]
 
 
 def graph_profiles(export, graph: str) -> list[Profile]:
-    """The optimisation profiles of one exported graph (``export``: a ``manifest.OnnxExport``)."""
+    """The optimisation profiles of one exported graph (``export``: its manifest)."""
     spec = export.graphs[graph]
     out = []
-    for name in PROFILE_NAMES[graph]:
+    for name in profile_names(graph):
         dims = dimension_ranges(export, graph, name)
         shapes = {}
         for t in spec.inputs:
