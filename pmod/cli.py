@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="graph dtype")
     e.add_argument("--max-context", type=int, default=None,
                    help="longest context the graphs serve (default: max_position_embeddings)")
-    _add_retention(e, "; the capacities are static, so the graphs are built for S and the manifest records it")
+    _add_retention(e, "; the graphs are built for S and the manifest records it")
     e.set_defaults(func=_cmd_export_onnx)
     e = export.add_parser("lint", help="TensorRT-compatibility lint of a --target trt export or a .onnx file")
     e.add_argument("path", help="export directory or .onnx file")

@@ -25,12 +25,11 @@ import pytest
 # conftest has put pmod_mlx's OpenBLAS in the global symbol scope: torch must come through
 # pmod_export.torch_loader, which keeps torch on its own BLAS (see there).
 torch_loader = pytest.importorskip("pmod_export.torch_loader")
+import torch_guard  # noqa: E402
 torch = torch_loader.torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-#: Set when another test module imported torch plainly after pmod_mlx: torch in this process
-#: would crash, so this module then runs in a fresh interpreter (test_in_a_fresh_process).
-MISBOUND = torch_loader.clash()
+MISBOUND, _torch_usable, test_in_a_fresh_process = torch_guard.guard(__file__)
 
 import onnx  # noqa: E402
 from builders import random_tensors, tiny_config, vision_inputs  # noqa: E402
@@ -65,27 +64,10 @@ NEXT = dict(vision_config=VISION, mm_projector_type="mlp2x_gelu", mm_hidden_size
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def _torch_usable(request):
-    if MISBOUND and request.node.name != "test_in_a_fresh_process":
-        pytest.skip("run by test_in_a_fresh_process: " + MISBOUND)
-
-
-@pytest.mark.skipif(not MISBOUND, reason="torch is usable in this process")
-def test_in_a_fresh_process():
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """(config, tensors, path) of a tiny LLaVA-NeXT p-MoD checkpoint with its CLIP tower."""
-    if MISBOUND:  # module fixtures run before the autouse gate below
-        pytest.skip("run by test_in_a_fresh_process: " + MISBOUND)
+    torch_guard.skip_if(MISBOUND)
     config = tiny_config(**NEXT)
     tensors = random_tensors(config, seed=0)
     path = save_checkpoint(tmp_path_factory.mktemp("export") / "ckpt", config, tensors, dtype="float32")

@@ -146,7 +146,7 @@ def test_torch_dial_matches_mlx(model):
 def test_export_at_a_retention(model, tmp_path, capsys):
     _torch()
     pytest.importorskip("onnxruntime")
-    from pmod_export.manifest import MANIFEST
+    from pmod.static.manifest import MANIFEST
     from pmod_export.onnx_export import export_onnx
 
     config, tensors, path = model
@@ -163,7 +163,7 @@ def test_export_at_a_retention(model, tmp_path, capsys):
     assert np.abs(a - b).max() <= 1e-4
     with pytest.raises(PmodError, match=r"exported at retention 0.5.*--retention 0.7"):
         pmod.open_engine(out, backend="onnx", retention=0.7)
-    _trt_manifests_keep_it(out, tmp_path / "trt")
+    _trt_manifests_keep_it(config, path, tmp_path)
     manifest["retention"] = 1.0  # capacities no longer those of the recorded dial
     (out / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(PmodError, match="do not match the schedule"):
@@ -174,22 +174,36 @@ def test_export_at_a_retention(model, tmp_path, capsys):
         pmod.open_engine(out, backend="onnx")
 
 
-def _trt_manifests_keep_it(onnx_dir, engine_dir):
-    """The TensorRT side reads the export's dial and writes it into its own manifest (no GPU needed)."""
-    from pmod_trt.manifest import EngineManifest, EngineSpec, read_engine_manifest, read_onnx_export
+def _trt_manifests_keep_it(config, model_dir, tmp_path):
+    """The TensorRT side reads a ``--target trt`` export's dial, ranges its profiles by the capacities at
+    that dial, and keeps it in its own manifest (no GPU needed: the engine manifest is written as
+    ``pmod trt build`` writes it)."""
+    from dataclasses import replace
 
-    export = read_onnx_export(onnx_dir)
-    assert export.retention == 0.5
+    from pmod.static.manifest import ENGINE_FORMAT
+    from pmod_export.onnx_export import export_onnx
+    from pmod_trt.manifest import read_engine_manifest, read_trt_export
+    from pmod_trt.profiles import graph_profiles
+
+    N = N_VISION + 4
+    export = read_trt_export(export_onnx(model_dir, tmp_path / "trt-onnx", N, max_context=128, retention=0.5,
+                                         target="trt"))
+    assert export.retention == 0.5 and export.capacities == capacities(config, N, 0.5)
+    engine_dir = tmp_path / "trt"
     engine_dir.mkdir()
-    engines = {}
-    for g in ("embed", "decode", "prefill"):
+    graphs = {}
+    for g, spec in export.graphs.items():
         (engine_dir / f"{g}.engine").write_bytes(b"")
-        engines[g] = EngineSpec(file=f"{g}.engine", onnx=f"{g}.onnx", inputs=[], outputs=[], profiles=[])
-    EngineManifest(tensorrt_version="10", gpu={"name": "x", "compute_capability": "9.0"}, precision="fp32",
-                   dtype=export.dtype, max_vision_tokens=export.max_vision_tokens, max_context=export.max_context,
-                   capacities=export.capacities, layer_ratios=export.layer_ratios, retention=export.retention,
-                   kv=export.kv, config=export.config, engines=engines).write(engine_dir)
-    assert read_engine_manifest(engine_dir).retention == 0.5
+        graphs[g] = replace(spec, file=f"{g}.engine", external_data=None, source=spec.file,
+                            profiles=[p.to_dict() for p in graph_profiles(export, g)])
+    replace(export, format=ENGINE_FORMAT, graphs=graphs, engine={
+        "tensorrt_version": "10.9.0.34", "gpu": {"name": "x", "compute_capability": "9.0"},
+        "precision": "fp32"}).write(engine_dir)
+    m = read_engine_manifest(engine_dir)
+    assert m.retention == 0.5 and m.capacities == export.capacities
+    first = m.graphs["prefill"].profiles[0]  # each MoD layer's carrier ranges up to its capacity at 0.5
+    assert {k: v[2] for k, v in first.shapes.items() if k.startswith("keep_")} == {
+        f"keep_{l}_0": [c] for l, (c, r) in enumerate(zip(m.capacities, m.layer_ratios)) if r is not None and c}
 
 
 # ----------------------------------------------------------------------------- FLOPs, commands

@@ -1,24 +1,32 @@
 """pmod_trt: TensorRT engines from the exported graphs, and the TensorRT backend.
 
-No GPU and no TensorRT here (CI never installs them), so this module tests, on a real
-export of a tiny LLaVA-NeXT p-MoD (6 layers, MoD layers 2..5, N = 20, context 1024):
+No GPU and no TensorRT here (CI never installs them), so this module tests, on real
+``--target trt`` exports of a tiny LLaVA-NeXT p-MoD (6 layers, MoD layers 2..5, N = 20,
+context 1024; one shape-following prefill graph, and one with buckets 5, 12, 20):
 
 * what needs neither: the optimisation profiles computed from the manifest, the precision
-  plan, which layers stay float32, the engine manifest (round trip, refusal of engines built
-  for another GPU or TensorRT version), the host-side chunk split against pmod_export's;
-* the refusals: no tensorrt, no cuda-python, no GPU (one line, exit 2, nothing written),
-  ``open_engine(..., backend="trt")`` without TensorRT naming the ``trt`` extra;
+  plan, which nodes stay float32 (norms by name, the router-to-TopK data flow), the engine
+  manifest (round trip, refusal of engines built for another GPU or TensorRT version), the
+  supported TensorRT range;
+* the refusals: no tensorrt, no cuda-python, no GPU, a TensorRT outside 10.1..11, an export
+  for ONNX Runtime (one line, exit 2, nothing written), ``open_engine(..., backend="trt")``
+  without TensorRT naming the ``trt`` extra;
 * the build and the runtime end to end against *fakes* of ``tensorrt`` and cuda-python's
-  runtime module (``FakeTensorRT``, ``FakeCudart`` below): the fake builder records what
-  pmod_trt asks of it (profiles, flags, pinned layers, timing cache) and serialises it; the
-  fake engine runs each graph with ONNX Runtime on "device" memory that is host memory with
-  bounds checks, and enforces the profiles like TensorRT does. This exercises every line of
+  runtime module (``make_fake_tensorrt``, ``FakeCudart`` below): the fake builder records
+  what pmod_trt asks of it (profiles, flags, preview features, pinned layers, timing cache)
+  and serialises it; the fake engine runs each graph with ONNX Runtime on "device" memory
+  that is host memory with bounds checks, and holds pmod_trt to what TensorRT requires:
+  the active profile's ranges, 256-byte aligned tensor addresses, and (user-managed
+  contexts) enough context memory for the current shapes. This exercises every line of
   pmod_trt's build and runtime except TensorRT's and CUDA's own work: the KV binding
-  offsets, profile switching, what is copied between host and device, atomic output.
+  offsets and their aligned scratch, context memory, profile switching, what is copied
+  between host and device, atomic output.
 
-The GPU tests at the end (real TensorRT: fp32 logits against ONNX Runtime within 1e-3
-relative, greedy tokens identical for n = 0, 1, middle, N; fp16 and bf16 greedy tokens) are
-skipped with the reason when no GPU with TensorRT is present.
+The reference is ONNX Runtime on the same ``--target trt`` graphs (``TrtGraphsOnOrt``): the
+fake engines must give its answers bit for bit. The GPU tests at the end (real TensorRT:
+fp32 logits against ONNX Runtime within 1e-3 relative, greedy tokens identical for n = 0, 1,
+middle, N; fp16 and bf16 greedy tokens) are skipped with the reason when no GPU with
+TensorRT is present.
 """
 
 from __future__ import annotations
@@ -36,10 +44,10 @@ import numpy as np
 import pytest
 
 torch_loader = pytest.importorskip("pmod_export.torch_loader")
+import torch_guard  # noqa: E402
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-#: Set when another test module imported torch plainly after pmod_mlx (see test_export.py).
-MISBOUND = torch_loader.clash()
+MISBOUND, _torch_usable, test_in_a_fresh_process = torch_guard.guard(__file__)
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -51,16 +59,18 @@ from pmod.cli import main  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
 from pmod.format import save_checkpoint  # noqa: E402
 from pmod.schedule import capacities  # noqa: E402
+from pmod.static import contract  # noqa: E402
+from pmod_export.ort_engine import OrtEngine  # noqa: E402
 from pmod_trt import build as trt_build  # noqa: E402
 from pmod_trt import cuda as trt_cuda  # noqa: E402
 from pmod_trt import deps  # noqa: E402
-from pmod.chunk import live_lengths, split_chunk  # noqa: E402
-from pmod_trt.manifest import check_compatible, read_engine_manifest, read_onnx_export  # noqa: E402
-from pmod_trt.profiles import (OPT_HISTORY, OPT_TEXT, Profile, all_profiles, select_profile,  # noqa: E402
-                               vision_limits)
+from pmod_trt.manifest import check_compatible, read_engine_manifest, read_trt_export  # noqa: E402
+from pmod_trt.profiles import (OPT_HISTORY, OPT_TEXT, Profile, all_profiles, dimension_ranges,  # noqa: E402
+                               select_profile, vision_limits)
 
 N = 20
 CONTEXT = 1024
+BUCKETS = [5, 12, 20]
 VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
               image_size=28, patch_size=14, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
 NEXT = dict(vision_config=VISION, mm_projector_type="mlp2x_gelu", mm_hidden_size=24,
@@ -68,11 +78,23 @@ NEXT = dict(vision_config=VISION, mm_projector_type="mlp2x_gelu", mm_hidden_size
             image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], max_position_embeddings=CONTEXT)
 GPU = "Fake H100 80GB HBM3"
 TRT_VERSION = "10.9.0.34"
+#: TensorRT requires every tensor address (and the context memory) to be 256-byte aligned.
+TRT_ALIGN = 256
+
+
+class TrtGraphsOnOrt(OrtEngine):
+    """``--target trt`` graphs run by ONNX Runtime: the answers the TensorRT backend must give."""
+
+    targets = ("trt",)
 
 
 # ============================================================================= fakes
 class FakeCudart:
-    """cuda-python's runtime module, on host memory: every "device" access is bounds-checked."""
+    """cuda-python's runtime module, on host memory: every "device" access is bounds-checked.
+
+    ``cudaMalloc`` returns 256-byte aligned addresses, as CUDA does; ``copies`` records
+    ``(kind, bytes, destination)`` of every memcpy (kind ``h2d``, ``d2h`` or ``d2d``).
+    """
 
     class cudaError_t(enum.Enum):
         cudaSuccess = 0
@@ -82,6 +104,7 @@ class FakeCudart:
     class cudaMemcpyKind(enum.Enum):
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
+        cudaMemcpyDeviceToDevice = 3
 
     class Stream:
         def __int__(self):
@@ -91,7 +114,7 @@ class FakeCudart:
         self.devices, self.name, self.cc = devices, name, cc
         self.mem: dict[int, np.ndarray] = {}
         self.bases: list[int] = []
-        self.copies: list[tuple[str, int]] = []  # (kind, bytes) of every memcpy
+        self.copies: list[tuple[str, int, int]] = []
 
     ok = property(lambda self: self.cudaError_t.cudaSuccess)
 
@@ -114,7 +137,9 @@ class FakeCudart:
         return (self.ok,)
 
     def cudaMalloc(self, nbytes):
-        a = np.zeros(nbytes, np.uint8)
+        raw = np.zeros(nbytes + TRT_ALIGN, np.uint8)
+        skip = -raw.ctypes.data % TRT_ALIGN
+        a = raw[skip:skip + nbytes]  # exactly nbytes, so an access past them fails the bounds check
         ptr = a.ctypes.data
         self.mem[ptr] = a
         bisect.insort(self.bases, ptr)
@@ -135,10 +160,14 @@ class FakeCudart:
         return a[ptr - base:ptr - base + nbytes]
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        to_device = kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self.view(dst if to_device else src, nbytes)
+        K = self.cudaMemcpyKind
+        if kind in (K.cudaMemcpyHostToDevice, K.cudaMemcpyDeviceToDevice):
+            self.view(dst, nbytes)
+        if kind in (K.cudaMemcpyDeviceToHost, K.cudaMemcpyDeviceToDevice):
+            self.view(src, nbytes)
         ctypes.memmove(dst, src, nbytes)
-        self.copies.append(("h2d" if to_device else "d2h", nbytes))
+        name = {K.cudaMemcpyHostToDevice: "h2d", K.cudaMemcpyDeviceToHost: "d2h", K.cudaMemcpyDeviceToDevice: "d2d"}
+        self.copies.append((name[kind], nbytes, dst))
         return (self.ok,)
 
 
@@ -170,11 +199,15 @@ def make_fake_tensorrt(version: str = TRT_VERSION, fail_graph: str | None = None
         def __init__(self):
             pass
 
+    Strategy = enum.Enum("ExecutionContextAllocationStrategy", "STATIC ON_PROFILE_CHANGE USER_MANAGED")
     trt.DataType, trt.TensorIOMode, trt.ILogger = DataType, TensorIOMode, ILogger
+    trt.ExecutionContextAllocationStrategy = Strategy
     trt.float32, trt.float16, trt.bfloat16, trt.int32 = DataType.FLOAT, DataType.HALF, DataType.BF16, DataType.INT32
     trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 5})
     trt.BuilderFlag = enum.Enum("BuilderFlag", "FP16 BF16 TF32 PREFER_PRECISION_CONSTRAINTS OBEY_PRECISION_CONSTRAINTS")
     trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")
+    trt.PreviewFeature = enum.Enum("PreviewFeature", "PROFILE_SHARING_0806 ALIASED_PLUGIN_IO_10_03 "
+                                                     "RUNTIME_ACTIVATION_RESIZE_10_10")
 
     class Tensor:
         def __init__(self, name, dtype, shape=()):
@@ -206,6 +239,8 @@ def make_fake_tensorrt(version: str = TRT_VERSION, fail_graph: str | None = None
             return self.layers[i]
 
     class OnnxParser:
+        """One layer per ONNX node but Constant, named exactly after the node (as TensorRT's parser does)."""
+
         def __init__(self, network, logger):
             self.network, self.num_errors = network, 0
 
@@ -241,6 +276,7 @@ def make_fake_tensorrt(version: str = TRT_VERSION, fail_graph: str | None = None
     class Config:
         def __init__(self):
             self.flags, self.cleared, self.profiles, self.pool, self.cache = set(), set(), [], None, None
+            self.preview = set()
 
         def set_memory_pool_limit(self, pool, nbytes):
             self.pool = nbytes
@@ -250,6 +286,9 @@ def make_fake_tensorrt(version: str = TRT_VERSION, fail_graph: str | None = None
 
         def clear_flag(self, f):
             self.cleared.add(f.name)
+
+        def set_preview_feature(self, feature, enable):
+            (self.preview.add if enable else self.preview.discard)(feature.name)
 
         def create_timing_cache(self, data):
             return TimingCache(data)
@@ -286,7 +325,7 @@ def make_fake_tensorrt(version: str = TRT_VERSION, fail_graph: str | None = None
             pinned = [l.name for l in network.layers if l.precision == DataType.FLOAT]
             record = {"onnx": network.path, "profiles": config.profiles, "strongly_typed": strongly,
                       "flags": sorted(config.flags), "cleared": sorted(config.cleared), "pool": config.pool,
-                      "pinned": pinned, "cache": config.cache.data.decode()}
+                      "preview": sorted(config.preview), "pinned": pinned, "cache": config.cache.data.decode()}
             trt.built.append(record)
             config.cache.data += graph.encode()
             return json.dumps(record).encode()
@@ -300,6 +339,8 @@ def make_fake_tensorrt(version: str = TRT_VERSION, fail_graph: str | None = None
             self.inputs = {i.name: i for i in self.session.get_inputs()}
             self.outputs = {o.name: o for o in self.session.get_outputs()}
             self.names = list(self.inputs) + list(self.outputs)
+            config = json.loads((Path(record["onnx"]).parent / "manifest.json").read_text())["config"]
+            self.heads = config["num_attention_heads"]
 
         num_io_tensors = property(lambda self: len(self.names))
         num_optimization_profiles = property(lambda self: len(self.record["profiles"]))
@@ -319,17 +360,51 @@ def make_fake_tensorrt(version: str = TRT_VERSION, fail_graph: str | None = None
         def is_shape_inference_io(self, name):
             return False
 
-        def create_execution_context(self):
-            return Context(self)
+        def activation_bytes(self, shapes: dict) -> int:
+            """A model of the context memory a run at ``shapes`` (input name -> shape) needs.
+
+            Decoder graphs: float32 attention scores of the chunk's ``S`` = text + vision tokens
+            against the past and themselves, per head, for the layer with the longest past;
+            embed and vision: the size of their inputs.
+            """
+            if "text_embeds" not in self.inputs:
+                return sum(4 * int(np.prod(shapes[n])) for n in self.inputs)
+            S = shapes["text_embeds"][1] + (shapes["vision_embeds"][1] if "vision_embeds" in self.inputs else 0)
+            pasts = [shapes[n][1] for n in self.inputs if n.startswith("past_key_")]
+            return max(self.heads * S * (P + S) * 4 for P in pasts)
+
+        def profile_bytes(self, index: int) -> int:
+            """The model at profile ``index``'s maximum shapes (what a statically allocated context holds)."""
+            ranges = self.record["profiles"][index]
+            return self.activation_bytes({n: ranges[n][2] if n in ranges else self.get_tensor_shape(n)
+                                          for n in self.inputs})
+
+        def create_execution_context(self, strategy=Strategy.STATIC):
+            return Context(self, strategy)
 
     class Context:
-        def __init__(self, engine):
-            self.engine, self.profile, self.shapes, self.addresses = engine, 0, {}, {}
+        """Holds pmod_trt to TensorRT's rules: the active profile's ranges, aligned addresses, and
+        (``USER_MANAGED``) context memory of at least the current shapes' need, set after the
+        last shape change. ``memory``: the bytes the context holds (``STATIC``: the most any
+        profile needs, ``ON_PROFILE_CHANGE``: the active profile's, ``USER_MANAGED``: what it was given)."""
+
+        def __init__(self, engine, strategy):
+            self.engine, self.strategy, self.profile, self.shapes, self.addresses = engine, strategy, 0, {}, {}
             self.switches = 0
+            self.user_managed = strategy == Strategy.USER_MANAGED
+            self.memory = None if self.user_managed else self._profile_memory()
+            self.memory_set = False  # USER_MANAGED: since the last shape change
+
+        def _profile_memory(self):
+            if self.strategy == Strategy.STATIC:
+                return max(self.engine.profile_bytes(i) for i in range(self.engine.num_optimization_profiles))
+            return self.engine.profile_bytes(self.profile)
 
         def set_optimization_profile_async(self, index, stream):
             assert stream == 0x5EED
-            self.profile, self.switches = index, self.switches + 1
+            self.profile, self.switches, self.memory_set = index, self.switches + 1, False
+            if self.strategy == Strategy.ON_PROFILE_CHANGE:
+                self.memory = self._profile_memory()
             return True
 
         def set_input_shape(self, name, shape):
@@ -339,13 +414,27 @@ def make_fake_tensorrt(version: str = TRT_VERSION, fail_graph: str | None = None
                 return False
             if ranges and any(not lo <= s <= hi for lo, s, hi in zip(ranges[0], shape, ranges[2])):
                 return False  # TensorRT: outside the active profile
+            if self.shapes.get(name) != tuple(shape):
+                self.memory_set = False
             self.shapes[name] = tuple(shape)
             return True
 
         def set_tensor_address(self, name, ptr):
             assert ptr, f"null address for {name}"
+            assert ptr % TRT_ALIGN == 0, f"address {ptr:#x} of {name} is not {TRT_ALIGN}-byte aligned"
             self.addresses[name] = ptr
             return True
+
+        def update_device_memory_size_for_shapes(self):
+            missing = [n for n in self.engine.inputs if n not in self.shapes]
+            assert not missing, f"input shapes not set: {missing}"
+            return self.engine.activation_bytes(self.shapes)
+
+        def set_device_memory(self, ptr, size):
+            assert self.user_managed, "set_device_memory needs a USER_MANAGED context"
+            assert ptr % TRT_ALIGN == 0, f"context memory at {ptr:#x} is not {TRT_ALIGN}-byte aligned"
+            trt_cuda.cudart().view(ptr, size)
+            self.memory, self.memory_set = size, True
 
         def _symbols(self):
             sym = {}
@@ -360,19 +449,24 @@ def make_fake_tensorrt(version: str = TRT_VERSION, fail_graph: str | None = None
                 return self.shapes[name]
             sym = self._symbols()
             dims = []
-            for d in self.engine.outputs[name].shape:
+            for d in self.engine.outputs[name].shape:  # e.g. 4, "text_len", "text_len+keep_3_0", "text_len+5"
                 terms = [] if isinstance(d, int) else [int(t) if t.isdigit() else sym.get(t, -1) for t in d.split("+")]
                 dims.append(d if isinstance(d, int) else -1 if -1 in terms else sum(terms))  # TensorRT: -1 unknown
             return tuple(dims)
 
         def execute_async_v3(self, stream):
             assert stream == 0x5EED
+            if self.user_managed:
+                need = self.engine.activation_bytes(self.shapes)
+                assert self.memory_set and self.memory >= need, (
+                    f"context memory {self.memory} (set since the last shape change: {self.memory_set}) "
+                    f"for a run that needs {need}")
             rt = trt_cuda.cudart()
             feeds = {}
             for name, i in self.engine.inputs.items():
                 dt, shape = np.dtype(_ORT_NP[i.type]), self.shapes[name]
                 n = int(np.prod(shape)) * dt.itemsize
-                raw = rt.view(self.addresses[name], n) if n else np.zeros(0, np.uint8)
+                raw = rt.view(self.addresses[name], n) if n else np.zeros(0, np.uint8)  # empty carriers, no past
                 feeds[name] = raw.view(dt).reshape(shape).copy()  # TensorRT reads before it writes
             for name, value in zip(self.engine.outputs, self.engine.session.run(None, feeds)):
                 assert value.shape == self.get_tensor_shape(name), (name, value.shape, self.get_tensor_shape(name))
@@ -412,32 +506,16 @@ def fakes(monkeypatch):
 
 @pytest.fixture
 def no_lint(monkeypatch):
-    """Skip the lint subprocess where a test is about something else (it has its own tests)."""
+    """Skip the lint where a test is about something else (it has its own tests)."""
     calls = []
     monkeypatch.setattr(trt_build, "run_lint", lambda d: calls.append(d))
     return calls
 
 
 # ============================================================================= fixtures
-@pytest.fixture(autouse=True)
-def _torch_usable(request):
-    if MISBOUND and request.node.name != "test_in_a_fresh_process":
-        pytest.skip("run by test_in_a_fresh_process: " + MISBOUND)
-
-
-@pytest.mark.skipif(not MISBOUND, reason="torch is usable in this process")
-def test_in_a_fresh_process():
-    import subprocess
-
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    if MISBOUND:
-        pytest.skip("run by test_in_a_fresh_process: " + MISBOUND)
+    torch_guard.skip_if(MISBOUND)
     config = tiny_config(**NEXT)
     tensors = random_tensors(config, seed=0)
     path = save_checkpoint(tmp_path_factory.mktemp("trt") / "ckpt", config, tensors, dtype="float32")
@@ -449,13 +527,25 @@ def ckpt(tmp_path_factory):
 def exported(ckpt):
     from pmod_export.onnx_export import export_onnx
 
-    return export_onnx(ckpt[1], ckpt[1].parent / "onnx", N)
+    return export_onnx(ckpt[1], ckpt[1].parent / "onnx", N, target="trt")
+
+
+@pytest.fixture(scope="module")
+def exported_buckets(ckpt):
+    from pmod_export.onnx_export import export_onnx
+
+    return export_onnx(ckpt[1], ckpt[1].parent / "onnx-buckets", target="trt", buckets=BUCKETS)
 
 
 @pytest.fixture(scope="module")
 def reference(exported):
-    """The ONNX Runtime engine on the same export: what the TensorRT backend mirrors."""
-    return pmod.open_engine(exported, backend="onnx", threads=1)
+    """ONNX Runtime on the same graphs: what the TensorRT backend mirrors."""
+    return TrtGraphsOnOrt(exported, threads=1)
+
+
+@pytest.fixture(scope="module")
+def reference_buckets(exported_buckets):
+    return TrtGraphsOnOrt(exported_buckets, threads=1)
 
 
 def build(exported, out, **kw):
@@ -474,6 +564,45 @@ def chunk_inputs(config, n: int, where: str, seed: int):
     rng = np.random.default_rng(seed)
     vm = layout(n, where)
     return dict(inputs_embeds=rng.standard_normal((vm.size, config.hidden_size)).astype(np.float32), vision_mask=vm)
+
+
+def router_paths(model) -> tuple[set[str], set[str]]:
+    """``(routers, nodes on a path from a router to a TopK)``, from the graph alone.
+
+    Routers: MatMuls whose weight (input 1) is an initializer with one output feature. A path
+    runs forward from a router and ends at a TopK without passing another router or TopK
+    (past those it is another layer's routing, or a selection's indices).
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = {n.name: n for n in g.node}
+    producer = {o: n.name for n in g.node for o in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.name)
+    routers = {n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in inits
+               and list(inits[n.input[1]].dims[-1:]) == [1]}
+    on_path = set()
+    for r in routers:
+        reach, frontier = {r}, [r]
+        while frontier:
+            for out in nodes[frontier.pop()].output:
+                for c in consumers.get(out, []):
+                    if c not in reach:
+                        reach.add(c)
+                        if nodes[c].op_type != "TopK" and c not in routers:
+                            frontier.append(c)
+        back = {n for n in reach if nodes[n].op_type == "TopK"}
+        frontier = list(back)
+        while frontier:
+            for i in nodes[frontier.pop()].input:
+                p = producer.get(i)
+                if p in reach and p not in back:
+                    back.add(p)
+                    frontier.append(p)
+        on_path |= back
+    return routers, on_path
 
 
 # ============================================================================= without TensorRT
@@ -506,6 +635,21 @@ def test_build_refused_without_gpu(exported, tmp_path, fakes, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_build_refused_for_an_onnx_runtime_export(exported, tmp_path, fakes, capsys):
+    """An export for ONNX Runtime (--target ort: its fused attention) is not built: one line naming --target trt."""
+    trt, _ = fakes.default
+    d = tmp_path / "ort"
+    shutil.copytree(exported, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["target"] = "ort"
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert main(["trt", "build", "--onnx", str(d), "--out", str(tmp_path / "eng")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exported for ONNX Runtime (--target ort" in err[0], err
+    assert "'pmod export onnx --target trt'" in err[0]
+    assert trt.built == [] and sorted(p.name for p in tmp_path.iterdir()) == ["ort"]
+
+
 def test_cuda_python_missing(exported, tmp_path, fakes, monkeypatch):
     monkeypatch.setattr(trt_cuda, "_cudart", None)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)
@@ -523,45 +667,82 @@ def test_open_engine_without_tensorrt(tmp_path, monkeypatch):
     assert "\n" not in msg and "pmod[trt]" in msg and "the trt backend needs an NVIDIA GPU with TensorRT" in msg
 
 
-def test_old_tensorrt_refused(tmp_path, fakes):
-    fakes(trt=make_fake_tensorrt(version="8.6.1"))
-    with pytest.raises(PmodError, match="needs TensorRT 10 or newer.*found 8.6.1"):
+def test_tensorrt_version_pinned(tmp_path, fakes):
+    """TensorRT 10.1 up to 11 (exclusive), at run time and in the ``trt`` extra."""
+    tomllib = pytest.importorskip("tomllib")
+
+    for version in ("8.6.1", "10.0.1", "11.0.0"):
+        fakes(trt=make_fake_tensorrt(version=version))
+        with pytest.raises(PmodError) as e:
+            deps.tensorrt("pmod trt build")
+        assert str(e.value) == (f"pmod trt build is written for TensorRT 10.1 to 11 (exclusive), found {version}: "
+                                "pip install 'tensorrt>=10.1,<11'")
+    with pytest.raises(PmodError, match="the trt backend is written for TensorRT 10.1 to 11 .*found 11.0.0"):
         pmod.open_engine(tmp_path, backend="trt")
+    trt, _ = fakes(trt=make_fake_tensorrt(version="10.9.0.34"))
+    assert deps.tensorrt("pmod trt build") is trt
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "tensorrt>=10.1,<11" in pyproject["project"]["optional-dependencies"]["trt"]
 
 
 # ============================================================================= profiles
-def test_profiles_from_the_export(ckpt, exported):
+def test_profiles_from_the_export(ckpt, exported, exported_buckets, monkeypatch):
     config = ckpt[0]
-    export = read_onnx_export(exported)
+    export = read_trt_export(exported)
     T, caps = CONTEXT, capacities(config, N)
     assert export.max_context == T and export.capacities == caps == [20, 20, 13, 6, 3, 3]
     profiles = all_profiles(export)
     assert {g: [p.name for p in ps] for g, ps in profiles.items()} == {
-        "embed": ["tokens"], "vision": ["image"], "prefill": ["prompt"], "decode": ["step", "chunk"]}
-    for g, ps in profiles.items():  # exactly the dynamic inputs, each min <= opt <= max
-        dynamic = {t.name for t in export.graphs[g].inputs if not all(isinstance(d, int) for d in t.shape)}
-        for p in ps:
-            assert set(p.shapes) == dynamic, (g, p.name)
-            for lo, opt, hi in p.shapes.values():
-                assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+        "embed": ["tokens"], "vision": ["image"], "prefill": ["first", "later"], "decode": ["step", "chunk"]}
+    buckets = read_trt_export(exported_buckets)
+    bucket_profiles = all_profiles(buckets)
+    assert {g: [p.name for p in ps] for g, ps in bucket_profiles.items() if g.startswith("prefill")} == {
+        "prefill_5": ["first", "later"], "prefill_12": ["first", "later"], "prefill_20": ["first", "later"]}
+    for m, table in ((export, profiles), (buckets, bucket_profiles)):  # exactly the dynamic inputs, min <= opt <= max
+        for g, ps in table.items():
+            dynamic = {t.name for t in m.graphs[g].inputs if not all(isinstance(d, int) for d in t.shape)}
+            for p in ps:
+                assert set(p.shapes) == dynamic, (g, p.name)
+                for lo, opt, hi in p.shapes.values():
+                    assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
     H, kv = config.hidden_size, [config.num_key_value_heads, config.head_dim]
-    (embed,), (vision,), (prefill,), (step, chunk) = (profiles[g] for g in ("embed", "vision", "prefill", "decode"))
+    (embed,), (vision,), (first, later), (step, chunk) = (profiles[g] for g in ("embed", "vision", "prefill", "decode"))
     assert embed.shapes["input_ids"] == ([1, 1], [1, OPT_TEXT], [1, T])
-    # prefill: text 0..T-1 (a chunk with n >= 1 vision tokens), every past 0..T-1; vision stream static
-    assert prefill.shapes["text_embeds"] == ([1, 0, H], [1, OPT_TEXT, H], [1, T - 1, H])
-    assert "vision_embeds" not in prefill.shapes and "n_vision" not in prefill.shapes
+    # prefill: text 0..T-1 (a chunk with n >= 1 vision tokens), vision 1..N, carriers 0..K; first: no past
+    for p in (first, later):
+        assert p.shapes["text_embeds"] == ([1, 0, H], [1, OPT_TEXT, H], [1, T - 1, H])
+        assert p.shapes["vision_embeds"] == ([1, 1, H], [1, N, H], [1, N, H])
+        assert p.shapes["vision_positions"] == ([1, 1], [1, N], [1, N])
+        assert {k: v for k, v in p.shapes.items() if k.startswith("keep_")} == {
+            f"keep_{l}_0": ([0], [caps[l]], [caps[l]]) for l in range(2, 6)}  # one TopK stage per MoD layer
+        assert "n_vision" not in p.shapes
     for l in range(6):
-        assert prefill.shapes[f"past_key_{l}"] == ([1, 0] + kv, [1, 0] + kv, [1, T - 1] + kv)
-        assert prefill.shapes[f"past_positions_{l}"] == ([1, 0], [1, 0], [1, T - 1])
+        assert first.shapes[f"past_key_{l}"] == ([1, 0] + kv,) * 3
+        assert first.shapes[f"past_positions_{l}"] == ([1, 0],) * 3
+        assert later.shapes[f"past_key_{l}"] == ([1, 0] + kv, [1, OPT_HISTORY + caps[l]] + kv, [1, T - 1] + kv)
+        assert later.shapes[f"past_positions_{l}"] == ([1, 0], [1, OPT_HISTORY + caps[l]], [1, T - 1])
+    # buckets: the vision stream and n_vision are static; text and past as in the shape form
+    b_first, b_later = bucket_profiles["prefill_12"]
+    assert b_first.shapes["text_embeds"] == first.shapes["text_embeds"]
+    assert not {"vision_embeds", "vision_positions", "n_vision"} & set(b_first.shapes)
+    past = lambda p: {k: v for k, v in p.shapes.items() if k.startswith("past_")}  # noqa: E731
+    assert past(b_first) == past(first) and past(b_later) == past(later)
     # decode step: one token; each layer tuned for its own KV length (MoD layers hold fewer)
     assert step.shapes["text_embeds"] == ([1, 1, H],) * 3
     opts = [step.shapes[f"past_key_{l}"][1][1] for l in range(6)]
     assert opts == [OPT_HISTORY + c for c in caps] == [276, 276, 269, 262, 259, 259]
     assert all(step.shapes[f"past_key_{l}"][2][1] == T - 1 for l in range(6))  # a text-only context fills every layer
     assert chunk.shapes["text_positions"] == ([1, 1], [1, OPT_TEXT], [1, T])
+    assert chunk.shapes["past_key_0"] == ([1, 0] + kv, [1, 0] + kv, [1, T - 1] + kv)
     # vision: up to the largest image: base + a 2x2 grid = 5 tiles, 4 + 4 rows of (4 + newline) = 24 tokens
     assert vision.shapes["pixel_values"] == ([1, 3, 28, 28], [5, 3, 28, 28], [5, 3, 28, 28])
     assert vision.shapes["feature_index"] == ([1], [24], [24])
+    # a selection past the TopK limit is split into stages; each carrier ranges over its stage's share
+    monkeypatch.setattr(contract, "TOPK_STAGE", 5)
+    dims = dimension_ranges(export, "prefill", "first")
+    assert {k: v for k, v in dims.items() if k.startswith("keep_")} == {
+        "keep_2_0": (0, 5, 5), "keep_2_1": (0, 5, 5), "keep_2_2": (0, 3, 3), "keep_3_0": (0, 5, 5),
+        "keep_3_1": (0, 1, 1), "keep_4_0": (0, 3, 3), "keep_5_0": (0, 3, 3)}
 
 
 def test_vision_limits_are_the_largest_image(ckpt):
@@ -581,15 +762,21 @@ def test_vision_limits_are_the_largest_image(ckpt):
 
 
 def test_profile_selection_and_round_trip(exported):
-    step, chunk = all_profiles(read_onnx_export(exported))["decode"]
-    shapes = lambda t, past: {**{"text_embeds": (1, t, 32), "text_positions": (1, t)},  # noqa: E731
-                              **{f"past_{k}_{l}": (1, past, 2, 8) for l in range(6) for k in ("key", "value")},
-                              **{f"past_positions_{l}": (1, past) for l in range(6)}}
-    assert select_profile([step, chunk], shapes(1, 500)) == 0
-    assert select_profile([step, chunk], shapes(7, 0)) == 1
-    assert select_profile([step, chunk], shapes(1, CONTEXT)) is None  # past beyond T - 1
-    assert select_profile([step, chunk], {**shapes(1, 3), "past_key_2": (1, 4, 2, 8)}) == 0
-    for p in (step, chunk):
+    profiles = all_profiles(read_trt_export(exported))
+    step, chunk = profiles["decode"]
+    first, later = profiles["prefill"]
+    kv = lambda past: {**{f"past_{k}_{l}": (1, past, 2, 8) for l in range(6) for k in ("key", "value")},  # noqa: E731
+                       **{f"past_positions_{l}": (1, past) for l in range(6)}}
+    text = lambda t: {"text_embeds": (1, t, 32), "text_positions": (1, t)}  # noqa: E731
+    assert select_profile([step, chunk], {**text(1), **kv(500)}) == 0
+    assert select_profile([step, chunk], {**text(7), **kv(0)}) == 1
+    assert select_profile([step, chunk], {**text(1), **kv(CONTEXT)}) is None  # past beyond T - 1
+    assert select_profile([step, chunk], {**text(1), **kv(3), "past_key_2": (1, 4, 2, 8)}) == 0
+    vision = {"vision_embeds": (1, 9, 32), "vision_positions": (1, 9), **{f"keep_{l}_0": (1,) for l in range(2, 6)}}
+    assert select_profile([first, later], {**text(10), **vision, **kv(0)}) == 0  # a prompt on an empty cache
+    assert select_profile([first, later], {**text(10), **vision, **kv(40)}) == 1  # a chunk on earlier turns
+    assert select_profile([first, later], {**text(10), **vision, **kv(0), "keep_5_0": (4,)}) is None  # K > C_5
+    for p in (step, chunk, first, later):
         assert Profile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
 
 
@@ -600,46 +787,58 @@ def test_unknown_dimension_refused(exported, tmp_path):
     m["graphs"]["decode"]["inputs"][0]["shape"] = [1, "chunk_len", 32]
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(PmodError, match="dimension 'chunk_len' that pmod_trt does not know"):
-        all_profiles(read_onnx_export(d))
-
-
-def test_chunk_split_refuses_more_than_n(ckpt):
-    with pytest.raises(PmodError, match="at most 20: re-export with --max-vision-tokens 21"):
-        split_chunk(np.zeros((21, 32), np.float32), np.ones(21, bool), 0, N)
+        all_profiles(read_trt_export(d))
 
 
 # ============================================================================= precision
 def test_build_plan():
     plan = trt_build.build_plan
-    assert plan("fp32", "float32", "10.9.0").strongly_typed
-    assert plan("fp16", "float16", "11.0.0").strongly_typed
-    bf16 = plan("bf16", "float32", "10.13.0.35")
+    assert plan("fp32", "float32").strongly_typed and plan("fp16", "float16").strongly_typed
+    bf16 = plan("bf16", "float32")
     assert (bf16.strongly_typed, bf16.flag, bf16.pin_fp32) == (False, "BF16", True)
     with pytest.raises(PmodError, match="the export is float16; fp32 engines need a float32 export: "
                                         "re-export with 'pmod export onnx --dtype float32'"):
         plan("fp32", "float16")
     with pytest.raises(PmodError, match="--dtype float16"):
         plan("fp16", "float32")
-    with pytest.raises(PmodError, match="bf16 needs TensorRT 10's weak typing"):
-        plan("bf16", "float32", "11.1.0")
+    with pytest.raises(PmodError, match="bf16 engines are built from a float32 export"):
+        plan("bf16", "float16")
     with pytest.raises(PmodError, match="--precision 'int8' is not supported: choose one of fp32, fp16, bf16"):
         plan("int8", "float32")
 
 
-def test_keep_fp32_on_the_exported_node_names(exported):
+def test_keep_fp32_is_the_norms(exported):
     keep = trt_build.keep_fp32
     for g in ("prefill", "decode", "vision"):
-        nodes = [n for n in onnx.load(str(exported / f"{g}.onnx"), load_external_data=False).graph.node]
-        kept = [n for n in nodes if keep(n.name)]
-        for n in nodes:  # norm statistics and routing always; big matmuls never
-            if n.op_type in ("ReduceMean", "TopK", "LayerNormalization"):  # RMSNorm variance, routing, CLIP norms
+        nodes = onnx.load(str(exported / f"{g}.onnx"), load_external_data=False).graph.node
+        for n in nodes:
+            if n.op_type in ("ReduceMean", "LayerNormalization"):  # RMSNorm variance, CLIP norms
                 assert keep(n.name), n.name
-            if n.op_type == "MatMul" and any(p in n.name for p in ("proj", "fc1", "fc2", "lm_head", "linear")):
+            if n.op_type in ("MatMul", "TopK", "Tanh", "Softmax"):  # projections, routing (by data flow), attention
                 assert not keep(n.name), n.name
-        routers = [n for n in kept if n.op_type == "MatMul" and "router" in n.name]
-        assert len(routers) == (4 if g == "prefill" else 0), g
-    assert keep("/Tanh_3") and keep("/TopK_2") and keep("/norm/Mul_1") and not keep("/mlp_3/Sigmoid")
-    assert not keep("ONNXTRT_ShapeTensorFromDims_12") and not keep("/self_attn_2/Softmax")
+        assert any(keep(n.name) for n in nodes), g
+    assert keep("/norm/Mul_1") and keep("/input_layernorm_3/Pow") and keep("/tower/layers.1/layer_norm2/Div")
+    assert keep("/tower/pre_layrnorm/Sub") and not keep("/Tanh_3") and not keep("/TopK_2")
+    assert not keep("/router_1/MatMul") and not keep("ONNXTRT_ShapeTensorFromDims_12")
+    assert not keep("/self_attn_2/Softmax") and not keep("/mlp/normalize_proj/MatMul")
+
+
+@pytest.mark.parametrize("graph", ["prefill", "prefill_12", "prefill_5"])
+def test_routing_nodes_cover_router_to_topk(ckpt, exported, exported_buckets, graph):
+    """Every node on a path from a router to its TopK is pinned (the bucket padding Where too); no projection is."""
+    model = onnx.load(str((exported if graph == "prefill" else exported_buckets) / f"{graph}.onnx"),
+                      load_external_data=False)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    routers, on_path = router_paths(model)
+    routing = trt_build.routing_nodes(model)
+    topks = {n for n, op in ops.items() if op == "TopK"}
+    slots = N if graph == "prefill" else int(graph.split("_")[1])
+    kept_layers = sum(c > 0 for c in capacities(ckpt[0], slots)[2:])  # MoD layers with a TopK
+    assert len(routers) == 4 and len(topks) == kept_layers and topks <= on_path
+    assert on_path <= routing, sorted(on_path - routing)
+    wheres = {n for n in on_path if ops[n] == "Where"}  # bucket padding: slots past n_vision score -inf
+    assert len(wheres) == (0 if graph == "prefill" else kept_layers)
+    assert not {n for n in routing if ops[n] in ("MatMul", "Gemm")} - routers  # no q/k/v/o/gate/up/down/lm_head
 
 
 # ============================================================================= build (fakes)
@@ -656,28 +855,49 @@ def test_build_writes_engines_and_manifest(ckpt, exported, tmp_path, fakes, caps
         "decode.engine", "embed.engine", "manifest.json", "prefill.engine", "timing.cache", "tokenizer.json",
         "tokenizer_config.json", "vision.engine"]
     m = read_engine_manifest(out)
-    assert (m.tensorrt_version, m.gpu, m.precision, m.dtype) == (
-        TRT_VERSION, {"name": GPU, "compute_capability": "9.0"}, "fp32", "float32")
+    export = read_trt_export(exported)
+    assert (m.format, m.target, m.form, m.dtype) == ("pmod-trt", "trt", "shape", "float32")
+    assert m.engine == {"tensorrt_version": TRT_VERSION, "gpu": {"name": GPU, "compute_capability": "9.0"},
+                        "precision": "fp32", "build": {
+                            "strongly_typed": True, "flag": None, "workspace_gb": 1.5, "timing_cache": "timing.cache",
+                            "tf32": False, "source": str(exported.resolve())}}
     assert m.capacities == [20, 20, 13, 6, 3, 3] and m.max_context == CONTEXT and m.max_vision_tokens == N
-    export = read_onnx_export(exported)
+    assert (m.retention, m.kv, m.config) == (export.retention, export.kv, export.config)
     profiles = all_profiles(export)
-    assert [r["onnx"].rsplit("/", 1)[-1] for r in trt.built] == ["embed.onnx", "vision.onnx", "decode.onnx",
-                                                                 "prefill.onnx"]
+    assert [Path(r["onnx"]).name for r in trt.built] == ["embed.onnx", "vision.onnx", "decode.onnx", "prefill.onnx"]
     for r in trt.built:  # what the builder was asked: strongly typed fp32, no TF32, the profiles, the pool
         g = Path(r["onnx"]).stem
         assert r["strongly_typed"] and r["flags"] == [] and r["cleared"] == ["TF32"] and r["pinned"] == []
-        assert r["pool"] == int(1.5 * (1 << 30))
+        assert r["pool"] == int(1.5 * (1 << 30)) and r["preview"] == ["RUNTIME_ACTIVATION_RESIZE_10_10"]
         assert r["profiles"] == [{k: [list(x) for x in v] for k, v in p.shapes.items()} for p in profiles[g]]
-        assert m.engines[g].profiles == profiles[g]
-        assert (m.engines[g].inputs, m.engines[g].outputs) == (export.graphs[g].inputs, export.graphs[g].outputs)
+        spec = m.graphs[g]
+        assert (spec.file, spec.source, spec.external_data) == (f"{g}.engine", f"{g}.onnx", None)
+        assert spec.profiles == profiles[g]
+        assert (spec.inputs, spec.outputs) == (export.graphs[g].inputs, export.graphs[g].outputs)
     # one timing cache shared by every graph, started from --timing-cache and written back
     assert [r["cache"] for r in trt.built] == ["old:", "old:embed", "old:embedvision", "old:embedvisiondecode"]
     assert (out / "timing.cache").read_bytes() == cache.read_bytes() == b"old:embedvisiondecodeprefill+"
-    # manifest round trip
+    # manifest round trip: the export's description with the engine fields, written and read back as is
+    written = json.loads((out / "manifest.json").read_text())
+    assert written["engine"] == m.engine and written["graphs"]["decode"]["source"] == "decode.onnx"
+    assert written["manifest_version"] == 2 and "engines" not in written
+    assert {k: v for k, v in written.items() if k not in ("format", "graphs", "engine")} == {
+        k: v for k, v in export.to_dict().items() if k not in ("format", "graphs")}
     again = read_engine_manifest(out)
-    assert again.to_dict() == m.to_dict() == json.loads((out / "manifest.json").read_text())
+    assert again == m and again.to_dict() == m.to_dict() == written
     m.write(tmp_path)
-    assert json.loads((tmp_path / "manifest.json").read_text()) == m.to_dict()
+    assert json.loads((tmp_path / "manifest.json").read_text()) == written
+
+
+def test_bucket_export_builds_every_bucket(exported_buckets, tmp_path, fakes, no_lint):
+    trt, _ = fakes.default
+    out = build(exported_buckets, tmp_path / "eng")
+    graphs = ["embed", "vision", "decode", "prefill_5", "prefill_12", "prefill_20"]
+    assert [Path(r["onnx"]).stem for r in trt.built] == graphs
+    m = read_engine_manifest(out)
+    assert (m.form, m.buckets, list(m.graphs)) == ("buckets", BUCKETS, graphs)
+    profiles = all_profiles(read_trt_export(exported_buckets))
+    assert all(m.graphs[g].profiles == profiles[g] and (out / f"{g}.engine").is_file() for g in graphs)
 
 
 def test_bf16_pins_routing_and_norms(ckpt, exported, tmp_path, fakes, no_lint):
@@ -685,13 +905,14 @@ def test_bf16_pins_routing_and_norms(ckpt, exported, tmp_path, fakes, no_lint):
     build(exported, tmp_path / "eng", precision="bf16")
     for r in trt.built:
         assert not r["strongly_typed"] and r["flags"] == ["BF16", "PREFER_PRECISION_CONSTRAINTS"]
-        assert all(trt_build.keep_fp32(name) for name in r["pinned"])
-    pinned = {Path(r["onnx"]).stem: r["pinned"] for r in trt.built}
-    assert sum("router" in p for p in pinned["prefill"]) >= 4 and any("TopK" in p for p in pinned["prefill"])
+    pinned = {Path(r["onnx"]).stem: set(r["pinned"]) for r in trt.built}
+    model = onnx.load(str(exported / "prefill.onnx"), load_external_data=False)
+    routing = trt_build.routing_nodes(model)
+    _, on_path = router_paths(model)
+    assert on_path <= pinned["prefill"]  # each carries float scores: router MatMul, bias, Gather, TopK
+    assert all(name in routing or trt_build.keep_fp32(name) for name in pinned["prefill"])
     assert any("layernorm" in p for p in pinned["decode"]) and any("layer_norm" in p for p in pinned["vision"])
-    trt2, _ = fakes(trt=make_fake_tensorrt(version="11.0.0"))
-    with pytest.raises(PmodError, match="bf16 needs TensorRT 10's weak typing"):
-        build(exported, tmp_path / "eng11", precision="bf16")
+    assert all(trt_build.keep_fp32(p) for g in ("embed", "vision", "decode") for p in pinned[g])  # no routers there
     fakes(trt=make_fake_tensorrt(), rt=FakeCudart(name="Tesla T4", cc=(7, 5)))
     with pytest.raises(PmodError, match="bf16 needs compute capability 8.0 or newer; Tesla T4 has 7.5"):
         build(exported, tmp_path / "eng75", precision="bf16")
@@ -713,8 +934,17 @@ def test_failed_build_leaves_nothing(exported, tmp_path, fakes, no_lint):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_lint_runs_first_and_stops_the_build(exported, tmp_path, fakes):
+def test_lint_runs_first_and_stops_the_build(exported, tmp_path, fakes, monkeypatch):
+    """The lint runs in-process (no subprocess) before TensorRT builds anything."""
+    import subprocess
+
     trt, _ = fakes.default
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("the lint runs in-process")
+
+    for name in ("run", "Popen", "check_output", "check_call", "call"):
+        monkeypatch.setattr(subprocess, name, no_subprocess)
     bad = tmp_path / "onnx"
     shutil.copytree(exported, bad)
     model = onnx.load(str(bad / "prefill.onnx"))
@@ -724,14 +954,15 @@ def test_lint_runs_first_and_stops_the_build(exported, tmp_path, fakes):
     topk.attribute.extend(kept + [onnx.helper.make_attribute("sorted", 0)])
     onnx.save(model, str(bad / "prefill.onnx"))
     with pytest.raises(PmodError, match=r"fails the TensorRT-compatibility lint \(1 finding\(s\), first: "
-                                        r"prefill.onnx: .*TopK needs sorted=1.*nothing was built"):
+                                        r"prefill.onnx: .*TopK needs sorted=1.*nothing was built: "
+                                        r"'pmod export lint .*onnx' lists them"):
         build(bad, tmp_path / "eng")
     assert trt.built == [] and sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
     build(exported, tmp_path / "eng")  # the real lint passes on a clean export
     assert len(trt.built) == 4
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(PmodError, match=r"lint of .*empty did not run \(.*holds no .onnx files.*\); it runs before"):
+    with pytest.raises(PmodError, match=r"empty holds no .onnx files: pass an export directory or a .onnx file"):
         trt_build.run_lint(empty)
 
 
@@ -741,16 +972,21 @@ def engines_dir(exported, tmp_path, fakes, no_lint):
     return build(exported, tmp_path / "eng")
 
 
+@pytest.fixture
+def bucket_engines_dir(exported_buckets, tmp_path, fakes, no_lint):
+    return build(exported_buckets, tmp_path / "eng-buckets")
+
+
 def test_engines_refused_on_another_gpu_or_tensorrt(engines_dir, fakes):
     fakes(rt=FakeCudart(name="NVIDIA L4", cc=(8, 9)))
     with pytest.raises(PmodError) as e:
         pmod.open_engine(engines_dir, backend="trt")
     msg = str(e.value)
     assert "\n" not in msg and f"built with TensorRT {TRT_VERSION} on {GPU} (compute capability 9.0)" in msg
-    assert "this machine has TensorRT 10.9.0.34 on NVIDIA L4 (compute capability 8.9)" in msg
+    assert f"this machine has TensorRT {TRT_VERSION} on NVIDIA L4 (compute capability 8.9)" in msg
     assert msg.endswith("rebuild it with 'pmod trt build --onnx EXPORT_DIR --out DIR' here")
     fakes(trt=make_fake_tensorrt(version="10.10.0.31"), rt=FakeCudart())
-    with pytest.raises(PmodError, match="built with TensorRT 10.9.0.34 .* this machine has TensorRT 10.10.0.31"):
+    with pytest.raises(PmodError, match=f"built with TensorRT {TRT_VERSION} .* this machine has TensorRT 10.10.0.31"):
         pmod.open_engine(engines_dir, backend="trt")
     m = read_engine_manifest(engines_dir)
     check_compatible(m, engines_dir, TRT_VERSION, {"name": GPU, "compute_capability": "9.0"})  # the same: fine
@@ -764,7 +1000,7 @@ def test_bad_engine_directories(engines_dir, exported, ckpt, tmp_path, fakes):
     with pytest.raises(PmodError, match="no manifest.json, so it is not a TensorRT engine directory .a pmod checkpoint"):
         pmod.open_engine(ckpt[1], backend="trt")
     with pytest.raises(PmodError, match="is not a pmod ONNX manifest .format 'pmod-trt'. .an engine directory"):
-        read_onnx_export(engines_dir)
+        read_trt_export(engines_dir)
     d = tmp_path / "copy"
     shutil.copytree(engines_dir, d)
     (d / "decode.engine").write_bytes(b"\x00garbage")
@@ -775,65 +1011,116 @@ def test_bad_engine_directories(engines_dir, exported, ckpt, tmp_path, fakes):
         pmod.open_engine(d, backend="trt")
     shutil.copy2(engines_dir / "decode.engine", d / "decode.engine")
     m = json.loads((d / "manifest.json").read_text())
-    m["engines"]["decode"]["inputs"][1]["dtype"] = "int64"
+    m["graphs"]["decode"]["inputs"][1]["dtype"] = "int64"
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(PmodError, match="input 'text_positions' is int32 .* in the engine, int64 .* in the manifest"):
+    with pytest.raises(PmodError, match=r"does not match decode.engine: input 'text_positions' is int32 .* in the "
+                                        r"graph, int64 .* in the manifest; rebuild it"):
         pmod.open_engine(d, backend="trt")
-    with pytest.raises(PmodError, match="holds fp32 engines with float32 inputs and caches; for float16"):
+    del m["engine"]["gpu"]
+    m["graphs"]["decode"]["inputs"][1]["dtype"] = "int32"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PmodError, match="manifest.json lacks or mangles 'gpu'; rebuild it"):
+        pmod.open_engine(d, backend="trt")
+    with pytest.raises(PmodError, match="holds float32 graphs; for float16 re-export with 'pmod export onnx --dtype "
+                                        "float16' and rebuild the engines"):
         pmod.open_engine(engines_dir, backend="trt", dtype="float16")
 
 
-@pytest.mark.parametrize("n,where", [(0, "start"), (1, "end"), (9, "middle"), (N, "start")])
-def test_fake_engine_matches_onnx_runtime(ckpt, engines_dir, reference, n, where):
+CASES = {"shape": [(0, "start"), (1, "end"), (9, "middle"), (N, "start")],
+         "buckets": [(n, w) for n in (0, 1, 5, 6, 12, 13, 20) for w in ("start", "middle", "end")]}
+
+
+@pytest.mark.parametrize("form", CASES)
+def test_fake_engine_matches_onnx_runtime(ckpt, request, form):
     """The TensorRT backend's host logic on ONNX Runtime-backed fake engines: ORT's answers, bit for bit."""
     config = ckpt[0]
-    e = pmod.open_engine(engines_dir, backend="trt")
-    reference.reset()
-    inputs = chunk_inputs(config, n, where, seed=n + len(where))
-    a, b = e.prefill(**inputs), reference.prefill(**inputs)
-    assert np.abs(a - b).max() <= 1e-6
-    assert e.kv_lengths() == reference.kv_lengths() and e.kv_bytes() == reference.kv_bytes()
-    assert all(np.array_equal(p, q) for p, q in zip(e.kept_positions(), reference.kept_positions()))
-    tok_a, tok_b = int(np.argmax(a)), int(np.argmax(b))
-    for _ in range(3):  # greedy steps over the caches
-        assert tok_a == tok_b
-        a, b = e.decode(tok_a), reference.decode(tok_b)
-        assert np.abs(a - b).max() <= 1e-6
+    suffix = "" if form == "shape" else "_buckets"
+    e = pmod.open_engine(request.getfixturevalue("engines_dir" if form == "shape" else "bucket_engines_dir"),
+                         backend="trt")
+    reference = request.getfixturevalue("reference" + suffix)
+    for n, where in CASES[form]:
+        e.reset()
+        reference.reset()
+        inputs = chunk_inputs(config, n, where, seed=n + len(where))
+        a, b = e.prefill(**inputs), reference.prefill(**inputs)
+        assert np.abs(a - b).max() <= 1e-6, (n, where)
+        assert e.kv_lengths() == reference.kv_lengths() and e.kv_bytes() == reference.kv_bytes()
+        assert all(np.array_equal(p, q) for p, q in zip(e.kept_positions(), reference.kept_positions()))
         tok_a, tok_b = int(np.argmax(a)), int(np.argmax(b))
-    more = chunk_inputs(config, 3, "middle", seed=99)  # a second chunk with vision tokens
-    assert np.abs(e.prefill(**more) - reference.prefill(**more)).max() <= 1e-6
-    assert e.kv_lengths() == reference.kv_lengths() and e.position == reference.position
+        for _ in range(3):  # greedy steps over the caches
+            assert tok_a == tok_b
+            a, b = e.decode(tok_a), reference.decode(tok_b)
+            assert np.abs(a - b).max() <= 1e-6, (n, where)
+            tok_a, tok_b = int(np.argmax(a)), int(np.argmax(b))
+        more = chunk_inputs(config, 3, "middle", seed=99)  # a second chunk with vision tokens: the later profile
+        assert np.abs(e.prefill(**more) - reference.prefill(**more)).max() <= 1e-6
+        assert e.kv_lengths() == reference.kv_lengths() and e.position == reference.position
+        assert all(np.array_equal(p, q) for p, q in zip(e.kept_positions(), reference.kept_positions()))
+        assert e._contexts["prefill" if form == "shape" else "prefill_5"].profile == 1
 
 
-def test_full_context_fits_the_kv_buffers(ckpt, engines_dir, reference):
-    """A chunk with one vision token at the end of the context: dense layers write N slots past the live prefix."""
+@pytest.mark.parametrize("form", ["shape", "buckets"])
+def test_full_context_fits_the_kv_buffers(ckpt, request, form):
+    """A chunk with one vision token at the end of the context: a bucket's dense layers write B slots past the
+    live prefix (their buffers carry that dead tail); the shape form writes exactly the live ones."""
     config = ckpt[0]
-    e = pmod.open_engine(engines_dir, backend="trt")
+    suffix = "" if form == "shape" else "_buckets"
+    e = pmod.open_engine(request.getfixturevalue("engines_dir" if form == "shape" else "bucket_engines_dir"),
+                         backend="trt")
+    reference = request.getfixturevalue("reference" + suffix)
     reference.reset()
     ids = np.random.default_rng(3).integers(3, config.vocab_size, CONTEXT - 11)
     assert np.abs(e.prefill(input_ids=ids) - reference.prefill(input_ids=ids)).max() <= 1e-5
     last = chunk_inputs(config, 1, "end", seed=4)
     assert np.abs(e.prefill(**last) - reference.prefill(**last)).max() <= 1e-5
     assert e.position == CONTEXT and e.kv_lengths() == reference.kv_lengths()
-    assert e.cache.capacity == [CONTEXT + c for c in capacities(config, N)]
+    slack = capacities(config, N) if form == "buckets" else [0] * 6
+    assert e.cache.capacity == [CONTEXT + c for c in slack]
     with pytest.raises(PmodError, match="prompt too long"):
         e.decode(3)
 
 
+def test_context_memory_follows_the_shapes(ckpt, engines_dir, fakes):
+    """User-managed context memory: a short prompt's prefill gets what its shapes need, far below the
+    profile maxima a statically allocated context would hold (text and past both T - 1)."""
+    trt, _ = fakes.default
+    config = ckpt[0]
+    e = pmod.open_engine(engines_dir, backend="trt")
+    user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+    assert all(ctx.strategy == user_managed for ctx in e._contexts.values())
+    e.prefill(**chunk_inputs(config, 5, "middle", seed=2))  # 10 text + 5 vision tokens, no past
+    ctx, T, heads = e._contexts["prefill"], CONTEXT, config.num_attention_heads
+    corner = heads * (T - 1 + N) * (2 * (T - 1) + N) * 4  # later: text T-1, vision N, past T-1
+    assert ctx.engine.profile_bytes(1) == corner
+    assert heads * 15 * 15 * 4 <= ctx.memory < corner / 100
+
+
 def test_decode_moves_only_the_chunk_and_the_logits(ckpt, engines_dir, fakes):
-    """No host copies of the caches: a decode step copies ids, embeddings and positions in, logits out."""
+    """No host copies of the caches: a decode step copies ids, embeddings and positions in, logits out;
+    on the device, only the new entry of each tensor whose free space is not 256-byte aligned."""
     config = ckpt[0]
     _, rt = fakes.default
     e = pmod.open_engine(engines_dir, backend="trt")
     e.prefill(**chunk_inputs(config, N, "middle", seed=1))
     decode_ctx = e._contexts["decode"]
-    rt.copies.clear()
-    e.decode(5)
     H, V = config.hidden_size, config.vocab_size
-    h2d = sorted(n for k, n in rt.copies if k == "h2d")
-    d2h = sorted(n for k, n in rt.copies if k == "d2h")
-    assert h2d == sorted([4, 4 * H, 4]) and d2h == sorted([4 * H, 4 * V])  # ids; embeds + positions | embeds; logits
-    e.decode(6)
+    in_place = scratch = 0
+    for token in (5, 6, 7, 8):  # every layer's free space moves by one entry per step
+        lengths = e.kv_lengths()
+        ends = {e.cache.store[l][j].ptr + n * size: size
+                for l, n in enumerate(lengths) for j, size in enumerate(e.cache.sizes)}
+        misaligned = {addr: size for addr, size in ends.items() if addr % TRT_ALIGN}
+        rt.copies.clear()
+        e.decode(token)
+        h2d = sorted(n for k, n, _ in rt.copies if k == "h2d")
+        d2h = sorted(n for k, n, _ in rt.copies if k == "d2h")
+        d2d = [(dst, n) for k, n, dst in rt.copies if k == "d2d"]
+        assert h2d == sorted([4, 4 * H, 4])  # the id; the embedding and its position
+        assert d2h == sorted([4 * H, 4 * V])  # the embedding; the logits
+        assert sorted(d2d) == sorted(misaligned.items())  # one entry each, to where the prefix ends
+        assert e.kv_lengths() == [n + 1 for n in lengths]
+        in_place, scratch = in_place + len(ends) - len(misaligned), scratch + len(misaligned)
+    assert in_place and scratch  # 64-byte keys and values, 4-byte positions: both paths ran
     assert decode_ctx.switches == 0 and decode_ctx.profile == 0  # decode steps: the step profile
     e.prefill(input_ids=np.arange(3, 9))  # a text chunk: the chunk profile
     assert decode_ctx.profile == 1 and decode_ctx.switches == 1
@@ -854,7 +1141,8 @@ def test_fake_engine_images_limits_and_dense(ckpt, engines_dir, exported, refere
     assert np.abs(e.embed(ids) - reference.embed(ids)).max() <= 1e-6 and e.embed([]).shape == (0, config.hidden_size)
     with pytest.raises(PmodError, match="token ids must be in"):
         e.embed([config.vocab_size])
-    with pytest.raises(PmodError, match="at most 20: re-export with --max-vision-tokens 21 or more and rebuild"):
+    with pytest.raises(PmodError, match="at most 20: re-export with --max-vision-tokens 21 or more and rebuild "
+                                        "the engines"):
         e.prefill(**chunk_inputs(config, 21, "start", seed=0))
     assert e.position == 0 and e.kv_lengths() == [0] * 6
     with pytest.raises(PmodError, match="prompt too long: 1025 tokens exceed the exported context of 1024"):
@@ -866,18 +1154,20 @@ def test_fake_engine_images_limits_and_dense(ckpt, engines_dir, exported, refere
     assert np.abs(e.prefill(input_ids=ids) - reference.prefill(input_ids=ids)).max() <= 1e-6
     assert e.kv_lengths() == reference.kv_lengths()
     dense = pmod.open_engine(engines_dir, backend="trt", dense=True)
-    ref_dense = pmod.open_engine(exported, backend="onnx", dense=True, threads=1)
+    ref_dense = TrtGraphsOnOrt(exported, dense=True, threads=1)
     inputs = chunk_inputs(config, 9, "middle", seed=5)
     assert np.abs(dense.prefill(**inputs) - ref_dense.prefill(**inputs)).max() <= 1e-6
     assert dense.kv_lengths() == [19] * 6
     e.close()
 
 
-def test_generate_through_the_trt_backend(engines_dir, exported, capsys):
-    """`pmod generate --backend trt` on the engine directory (tokenizer copied by the build)."""
+def test_generate_through_the_trt_backend(engines_dir, exported, capsys, monkeypatch):
+    """`pmod generate --backend trt` on the engine directory (tokenizer copied by the build), against
+    ONNX Runtime running the same graphs."""
     args = ["generate", "--prompt", "what colour is the circle ?", "--max-tokens", "4"]
     assert main(args + ["--model", str(engines_dir), "--backend", "trt"]) == 0
     got = capsys.readouterr().out
+    monkeypatch.setattr(OrtEngine, "targets", TrtGraphsOnOrt.targets)
     assert main(args + ["--model", str(exported), "--backend", "onnx"]) == 0
     assert got == capsys.readouterr().out
 
@@ -929,7 +1219,7 @@ on_gpu = pytest.mark.skipif(GPU_MISSING is not None, reason=str(GPU_MISSING))
 def exported16(ckpt):
     from pmod_export.onnx_export import export_onnx
 
-    return export_onnx(ckpt[1], ckpt[1].parent / "onnx16", N, dtype="float16")
+    return export_onnx(ckpt[1], ckpt[1].parent / "onnx16", N, dtype="float16", target="trt")
 
 
 def _margin(logits: np.ndarray) -> float:
@@ -969,7 +1259,7 @@ def test_gpu_reduced_precision_greedy_tokens(ckpt, exported, exported16, referen
     try:
         build(exported16 if precision == "fp16" else exported, tmp_path / precision, precision=precision)
     except PmodError as e:
-        if str(e).startswith("bf16 needs"):  # TensorRT 11, or compute capability < 8.0
+        if str(e).startswith("bf16 needs"):  # compute capability < 8.0
             pytest.skip(str(e))
         raise
     e = pmod.open_engine(tmp_path / precision, backend="trt")
@@ -992,7 +1282,7 @@ def test_gpu_reduced_precision_greedy_tokens(ckpt, exported, exported16, referen
 def test_gpu_engine_refused_elsewhere(exported, tmp_path):
     out = build(exported, tmp_path / "eng", precision="fp32")
     m = json.loads((out / "manifest.json").read_text())
-    m["gpu"]["name"] = "Another GPU"
+    m["engine"]["gpu"]["name"] = "Another GPU"
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(PmodError, match="engines run only where they were built"):
         pmod.open_engine(out, backend="trt")

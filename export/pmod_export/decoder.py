@@ -98,6 +98,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def merge_heads(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``[1, S, heads, D]`` -> ``[1, S, width = heads * D]``, the width a Python int: ONNX Runtime's
+    Reshape cannot infer a ``-1`` for an empty tensor (a MoD layer may get no token at all)."""
+    return x.reshape(1, x.shape[1], width)
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """``[1, L, n_kv, D]`` -> ``[1, L, n_kv * groups, D]``, each KV head serving ``groups`` query heads."""
     if groups == 1:
@@ -147,7 +153,6 @@ def blocked_attention(q, k, v, past_k, past_v, past_pos, pos, heads: int, head_d
     ``[1, S, heads * D]``.
     """
     S = q.shape[1]
-    flat = lambda t: t.reshape(1, t.shape[1], heads * head_dim)  # noqa: E731 - no -1: a block may be empty
     order = torch.topk(pos.float(), S, dim=1, largest=False).indices[0].to(torch.int32)  # positions < 2**24
     q, k, v, pos = (torch.index_select(t, 1, order) for t in (q, k, v, pos))
     keys, values, key_pos = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1), torch.cat([past_pos, pos], 1)
@@ -160,7 +165,9 @@ def blocked_attention(q, k, v, past_k, past_v, past_pos, pos, heads: int, head_d
         qb, pb = q[:, i * step:(i + 1) * step], pos[:, i * step:(i + 1) * step]
         allowed = key_pos[:, :end].unsqueeze(1) <= pb.unsqueeze(2)
         bias = torch.where(allowed, 0.0, torch.finfo(q.dtype).min).to(q.dtype).unsqueeze(1)
-        outs.append(_MultiHeadAttention.apply(flat(qb), flat(keys[:, :end]), flat(values[:, :end]), bias, heads))
+        w = heads * head_dim
+        outs.append(_MultiHeadAttention.apply(merge_heads(qb, w), merge_heads(keys[:, :end], w),
+                                              merge_heads(values[:, :end], w), bias, heads))
     back = torch.topk(order.float(), S, largest=False).indices.to(torch.int32)  # the inverse permutation
     return torch.index_select(torch.cat(outs, 1), 1, back)
 
@@ -201,12 +208,13 @@ class Attention(nn.Module):
         keys, values = repeat_kv(keys, nh // nkv), repeat_kv(values, nh // nkv)
         if exporting() and target == "ort":
             bias = torch.where(allowed, 0.0, torch.finfo(x.dtype).min).to(x.dtype).unsqueeze(1)
-            out = _MultiHeadAttention.apply(q.flatten(2), keys.flatten(2), values.flatten(2), bias, nh)
+            out = _MultiHeadAttention.apply(merge_heads(q, nh * D), merge_heads(keys, nh * D),
+                                            merge_heads(values, nh * D), bias, nh)
         elif exporting():  # trt: [1, heads, S, D] @ [1, heads, D, P+S], float32 softmax
             bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min).unsqueeze(1)
             scores = torch.matmul((q * D**-0.5).transpose(1, 2), keys.permute(0, 2, 3, 1)).float() + bias
             probs = torch.softmax(scores, dim=-1).to(x.dtype)
-            out = torch.matmul(probs, values.transpose(1, 2)).transpose(1, 2).flatten(2)
+            out = merge_heads(torch.matmul(probs, values.transpose(1, 2)).transpose(1, 2), nh * D)
         else:  # eager: torch's fused attention
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                                  attn_mask=allowed.unsqueeze(1)).transpose(1, 2).flatten(2)
@@ -438,7 +446,7 @@ class StaticDecoder(nn.Module):
             live_sel = None
             if form == "bucket":
                 k_true = getattr(self, f"kept_{l}")[n_vision]  # [1] int32: kept_count(n, r_l)
-                live_sel = torch.arange(idx.shape[1], dtype=torch.int32).unsqueeze(0) < k_true.unsqueeze(1)
+                live_sel = torch.arange(sum(stages), dtype=torch.int32).unsqueeze(0) < k_true.unsqueeze(1)
             x = torch.cat([x_t, gather_slots(x_v, idx)], dim=1)
             pos = torch.cat([pos_t, gather_slots(pos_v, idx)], dim=1)
             live = None if live_sel is None else torch.cat([torch.ones_like(pos_t, dtype=torch.bool), live_sel], 1)

@@ -23,7 +23,7 @@ from .manifest import Manifest
 class StaticEngine(Engine):
     """Fields a backend sets up in ``__init__``: ``cache`` (a :class:`~pmod.static.cache.KVBuffers`)."""
 
-    #: how the user redoes the directory for other limits: "re-export ..." (+ " and rebuild")
+    #: what follows "re-export with ..." in this backend's messages (TensorRT: " and rebuild the engines")
     redo = ""
 
     def _open(self, path, m: Manifest, dtype: str | None, retention: float | None, dense: bool) -> None:
@@ -33,7 +33,7 @@ class StaticEngine(Engine):
             raise PmodError(f"{self.path} holds {m.dtype} graphs; for {dtype} re-export with "
                             f"'pmod export onnx --dtype {dtype}'{self.redo} (or drop --dtype)")
         if retention is not None and retention != m.retention:
-            raise PmodError(f"{self.path} was exported at retention {m.retention:g} (its capacities are static); "
+            raise PmodError(f"{self.path} was exported at retention {m.retention:g} (the ratios are built into its graphs); "
                             f"for {retention:g} re-export with 'pmod export onnx --retention {retention:g}'"
                             f"{self.redo} (or drop --retention)")
         self.retention = m.retention

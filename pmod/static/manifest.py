@@ -49,15 +49,15 @@ class GraphSpec:
     outputs: list[TensorSpec]
     external_data: str | None = None
     source: str | None = None  # engines: the ONNX file the engine was built from
-    profiles: list[dict] | None = None  # engines: TensorRT optimisation profiles (pmod_trt.profiles)
+    profiles: list | None = None  # engines: TensorRT optimisation profiles (dicts, or pmod_trt.profiles.Profile)
 
     def to_dict(self) -> dict:
         d = {"file": self.file, "external_data": self.external_data,
              "inputs": [asdict(t) for t in self.inputs], "outputs": [asdict(t) for t in self.outputs]}
         if self.source is not None:
             d["source"] = self.source
-        if self.profiles is not None:
-            d["profiles"] = self.profiles
+        if self.profiles is not None:  # read_engine_manifest holds Profile objects: written as their dicts
+            d["profiles"] = [p.to_dict() if hasattr(p, "to_dict") else dict(p) for p in self.profiles]
         return d
 
     @classmethod

@@ -45,8 +45,9 @@ from .profiles import graph_profiles
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 TIMING_CACHE = "timing.cache"
-#: Build order: the small graphs first, so a broken setup fails fast.
-ORDER = ("embed", "vision", "decode", "prefill")
+#: Build order: the small graphs first, so a broken setup fails fast; then the prefill graph(s)
+#: (``prefill``, or one ``prefill_B`` per bucket, in the export's order).
+ORDER = ("embed", "vision", "decode")
 _WHAT = "pmod trt build"
 
 
@@ -181,7 +182,7 @@ def build_engines(onnx_dir, out_dir, precision: str = "fp32", workspace_gb: floa
     builder = trt.Builder(log)
     cache_in = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_in.read_bytes() if cache_in and cache_in.is_file() else b""
-    graphs = [g for g in ORDER if g in export.graphs]
+    graphs = [g for g in ORDER if g in export.graphs] + [g for g in export.graphs if g not in ORDER]
     engines = {}
     cache = None
     with atomic_dir(out_dir) as tmp:
