@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .errors import PmodError
+from .static.contract import DEFAULT_TARGET, TARGETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-vision-tokens", type=int, default=None,
                    help="N: most routed vision tokens a prefill chunk may hold; the graphs follow each chunk's "
                         "own count up to N (default: those of the largest single image the model takes)")
-    e.add_argument("--target", choices=["ort", "trt"], default="ort",
+    e.add_argument("--target", choices=list(TARGETS), default=DEFAULT_TARGET,
                    help="ort: ONNX Runtime's fused attention (--backend onnx); trt: graphs for 'pmod trt build' "
                         "(default ort)")
     e.add_argument("--buckets", default=None, metavar="B1,B2,...|geometric",

@@ -155,7 +155,7 @@ def test_planner_streams_carriers_and_buckets(ckpt):
     vm = np.zeros(10, bool)
     vm[2:7] = True
     step = Planner(config, N).plan(emb, vm, start=3)
-    assert step.graph == "prefill" and step.n_vision == 5 and step.length == 10
+    assert step.graph == "prefill" and step.length == 10
     assert step.feeds["vision_positions"].tolist() == [[5, 6, 7, 8, 9]]
     assert step.feeds["text_positions"].tolist() == [[3, 4, 10, 11, 12]]
     kept = capacities(config, 5)

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..config import PmodConfig
 from ..errors import PmodError
-from ..schedule import capacities, kept_count, layer_ratios
+from ..schedule import capacities, layer_ratios
 from .contract import bucket_graph, keep_names, layer_stages, stage_sizes
 
 
@@ -42,7 +42,6 @@ class Step:
     slots: list[int]  # new KV entries each layer's outputs hold
     live: list[int]  # how many of them (the leading ones) the layer keeps
     length: int  # tokens the chunk adds to the context
-    n_vision: int
 
 
 class Planner:
@@ -79,16 +78,16 @@ class Planner:
         feeds = {"text_embeds": embeds[text][None], "text_positions": positions[text][None]}
         Tt = T - n
         if n == 0 and (T == 1 or not self.text_prefill):
-            return Step("decode", feeds, [Tt] * L, [Tt] * L, T, 0)
+            return Step("decode", feeds, [Tt] * L, [Tt] * L, T)
         kept = capacities(self.config, n, self.retention)
         live = [Tt + k for k in kept]
         if self.buckets is None:
             feeds["vision_embeds"], feeds["vision_positions"] = embeds[mask][None], positions[mask][None]
             for l, stages in enumerate(self.stages):
                 if stages:
-                    for name, size in zip(keep_names(l, stages), stage_sizes(kept_count(n, self.ratios[l]), stages)):
+                    for name, size in zip(keep_names(l, stages), stage_sizes(kept[l], stages)):
                         feeds[name] = np.zeros(size, dtype=bool)
-            return Step("prefill", feeds, live, live, T, n)
+            return Step("prefill", feeds, live, live, T)
         B = self.buckets[bisect.bisect_left(self.buckets, n)]
         vision = np.zeros((1, B, H), dtype=embeds.dtype)
         vision[0, :n] = embeds[mask]
@@ -96,4 +95,4 @@ class Planner:
         pos[0, :n] = positions[mask]
         feeds.update(vision_embeds=vision, vision_positions=pos, n_vision=np.array([n], dtype=np.int32))
         slots = [Tt + c for c in capacities(self.config, B, self.retention)]
-        return Step(bucket_graph(B), feeds, slots, live, T, n)
+        return Step(bucket_graph(B), feeds, slots, live, T)

@@ -26,7 +26,6 @@ TOPK_LIMIT = 3840
 #: The most one TopK stage selects; a larger selection is split into stages of at most this.
 TOPK_STAGE = TOPK_LIMIT - 1
 
-GRAPHS = ("embed", "vision", "decode", "prefill")
 BUCKET_PREFIX = "prefill_"
 
 
