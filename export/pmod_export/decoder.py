@@ -379,8 +379,7 @@ class StaticDecoder(nn.Module):
         self.lm, self.form, self.size, self.target = lm, form, size, target
         self.ratios = layer_ratios(config, retention)
         if form == "shape":
-            self.stages = (layer_stages(config, size, retention) if size is not None
-                           else [None if r is None else 1 for r in self.ratios])
+            self.stages = layer_stages(config, size, retention)
         elif form == "bucket":
             self.capacities = capacities(config, size, retention)  # C_l at B
             self.stages = [None if r is None else stage_sizes(c, topk_stages(c))

@@ -59,8 +59,7 @@ class Planner:
         self.config, self.retention, self.max_vision, self.buckets = config, retention, max_vision, buckets
         self.text_prefill = text_prefill and buckets is None
         self.ratios = layer_ratios(config, retention)
-        self.stages = (layer_stages(config, max_vision, retention) if max_vision is not None
-                       else [None if r is None else 1 for r in self.ratios])
+        self.stages = layer_stages(config, max_vision, retention)
         self.flag, self.then = flag, then
 
     def plan(self, embeds: np.ndarray, mask: np.ndarray, start: int) -> Step:

@@ -52,13 +52,17 @@ def stage_sizes(k: int, stages: int) -> list[int]:
     return [min(max(int(k) - s * TOPK_STAGE, 0), TOPK_STAGE) for s in range(stages)]
 
 
-def layer_stages(config: PmodConfig, max_vision: int, retention: float = 1.0) -> list[int | None]:
+def layer_stages(config: PmodConfig, max_vision: int | None, retention: float = 1.0) -> list[int | None]:
     """Per layer: None for a dense layer, else how many TopK stages its selection takes at ``N``.
 
     Zero stages: the layer keeps no vision token for any ``n <= N`` (no TopK, no carrier).
+    ``max_vision`` None (an eager model without a limit): one stage per MoD layer, since an
+    eager selection is one sort whatever its size.
     """
-    return [None if r is None else topk_stages(c)
-            for r, c in zip(layer_ratios(config, retention), capacities(config, max_vision, retention))]
+    ratios = layer_ratios(config, retention)
+    if max_vision is None:
+        return [None if r is None else 1 for r in ratios]
+    return [None if r is None else topk_stages(c) for r, c in zip(ratios, capacities(config, max_vision, retention))]
 
 
 def bucket_graph(size: int) -> str:
