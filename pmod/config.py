@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import PmodError
+from pmod.architectures import family, family_of
+from pmod.errors import PmodError
 
 if TYPE_CHECKING:
-    from .quantization import Quantization
+    from pmod.quantization import Quantization
 
 FORMAT_VERSION = 1
 MODEL_TYPE = "pmod_llava_llama"
@@ -31,7 +32,7 @@ TOKEN_TYPES = ("vision_hr", "vision", "vision_all", "all")
 
 @dataclass
 class PmodConfig:
-    # LLaMA decoder
+    # the text decoder (LLaMA key names); its family says which decoder runs it (pmod.architectures)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -44,8 +45,11 @@ class PmodConfig:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # HF LLaMA's one flag; qkv_bias and o_bias default to it
+    qkv_bias: bool | None = None  # q/k/v projections (Qwen2: true with o_bias false)
+    o_bias: bool | None = None  # the attention output projection
     mlp_bias: bool = False
+    text_model_type: str = "llama"
     hidden_act: str = "silu"
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -80,6 +84,10 @@ class PmodConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.qkv_bias is None:
+            self.qkv_bias = self.attention_bias
+        if self.o_bias is None:
+            self.o_bias = self.attention_bias
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -94,8 +102,10 @@ class PmodConfig:
             raise PmodError(
                 f"config key 'num_key_value_heads' ({self.num_key_value_heads}) must divide "
                 f"'num_attention_heads' ({self.num_attention_heads})")
-        if self.hidden_act != "silu":
-            raise PmodError(f"config key 'hidden_act' must be 'silu' (LLaMA), got {self.hidden_act!r}")
+        for key in ("attention_bias", "qkv_bias", "o_bias", "mlp_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise PmodError(f"config key '{key}' must be true or false, got {getattr(self, key)!r}")
+        family(self.text_model_type).check(self)
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("linear", "default") or (
@@ -161,7 +171,7 @@ class PmodConfig:
     @property
     def quant(self) -> "Quantization | None":
         """The parsed ``quantization`` entry (None: a float checkpoint)."""
-        from .quantization import Quantization
+        from pmod.quantization import Quantization
 
         return Quantization.from_entry(self.quantization)
 
@@ -175,6 +185,7 @@ class PmodConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PmodConfig":
         d = dict(d)
+        text_family = family_of(d)
         if "text_config" in d and isinstance(d["text_config"], dict):
             # llava-hf layout: the decoder's keys live in text_config.
             d = {**d, **d.pop("text_config")}
@@ -185,6 +196,8 @@ class PmodConfig:
         if missing:
             raise PmodError(f"config.json lacks required key(s) {', '.join(missing)}")
         kwargs = {k: d[k] for k in names if k in d}
+        if text_family is not None:
+            kwargs["text_model_type"] = text_family
         if kwargs.get("rope_scaling") is not None and not isinstance(kwargs["rope_scaling"], dict):
             raise PmodError(f"config key 'rope_scaling' must be an object or null, got {kwargs['rope_scaling']!r}")
         if "rope_parameters" in d and isinstance(d["rope_parameters"], dict):

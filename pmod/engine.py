@@ -2,28 +2,48 @@
 
 Numpy at the boundary: a backend takes token ids or embeddings as numpy arrays and
 returns last-position logits as a float32 numpy vector. Generation, chat, the server
-and the benchmark are written once against this class.
+and the benchmark are written once against this class; ``pmod.app.registry.open_engine``
+picks the runtime.
 
-Runtimes are imported by name only when asked for, so ``pmod`` imports no runtime.
+Besides running the model, an engine answers what the benchmark asks of its runtime, so that
+no application imports one: ``runtime_info()`` (device, dtypes, BLAS, kernels),
+``matmul_probe(n)`` (one float32 matmul on its device), ``profiled(timer)`` (per-layer
+section times, :class:`LayerProbe`) and ``kernel_settings()`` (the MoD kernels on and off).
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import numpy as np
 
-from .config import PmodConfig
-from .errors import PmodError
+from pmod.config import PmodConfig
+from pmod.errors import PmodError
 
-# backend name -> ("module:factory", pip extra that provides it)
-BACKENDS: dict[str, tuple[str, str]] = {
-    "mlx": ("pmod_mlx.engine:MLXEngine", "mlx"),
-    "torch": ("pmod_export.torch_engine:TorchEngine", "export"),
-    "onnx": ("pmod_export.ort_engine:OrtEngine", "export"),
-    "trt": ("pmod_trt.engine:TrtEngine", "trt"),
-}
+#: The sections of a decoder layer a :class:`LayerProbe` books time to.
+LAYER_SECTIONS = ("route", "attention", "mlp", "merge")
+
+
+class LayerProbe(Protocol):
+    """What a runtime calls at the section boundaries of a prefill under ``Engine.profiled``.
+
+    ``enter(layer, *arrays)`` as layer ``layer`` starts (``None`` after the last layer);
+    ``mark(section, *arrays)`` as ``section`` of the current layer ends: ``"route"`` (a MoD
+    layer's scores, top-k and gather; a runtime may mark an empty one in a layer that does not
+    route), then ``"attention"``, then ``"mlp"``; the rest, up to the next ``enter``, is the
+    layer's ``"merge"``. ``arrays`` are the section's outputs (possibly none): a runtime whose graph
+    is lazy sets ``sync`` (e.g. MLX's ``mx.eval``) before the prefill, for the probe to call on
+    them before it reads the clock; an eager one leaves it as it is.
+    """
+
+    sync: Callable | None
+
+    def enter(self, layer: int | None, *arrays) -> None: ...
+
+    def mark(self, section: str, *arrays) -> None: ...
 
 
 class Engine(ABC):
@@ -32,6 +52,8 @@ class Engine(ABC):
     config: PmodConfig
     #: The retention dial the model runs at (``pmod.schedule.layer_ratios``; 1: as trained).
     retention: float = 1.0
+    #: Whether :meth:`profiled` times this engine's decoder layers (``pmod bench --profile``).
+    profiles_layers: bool = False
 
     @abstractmethod
     def prefill(self, input_ids=None, inputs_embeds=None, vision_mask=None) -> np.ndarray:
@@ -70,6 +92,31 @@ class Engine(ABC):
     def encode_image(self, image) -> np.ndarray:
         """Projected, packed features ``[n_image_tokens, H]`` (float32) of a ``pmod.image.ImageInput``."""
         raise PmodError(f"backend {type(self).__name__} cannot encode images")
+
+    # ------------------------------------------------------------------ the runtime
+    def runtime_info(self) -> dict:
+        """What runs this engine: ``device`` ("cpu", "metal", "cuda"), ``dtype`` (compute dtype
+        name), ``kv_dtype`` (the KV cache's), ``blas`` (the CPU BLAS in use as a dict, or None
+        where the runtime does not say) and ``kernels`` (whether the MoD kernels run now; None:
+        the runtime has none to switch)."""
+        raise PmodError(f"backend {type(self).__name__} does not describe its runtime")
+
+    def matmul_probe(self, n: int) -> Callable[[], None] | None:
+        """A call that runs one float32 ``n x n`` matmul on this engine's device and waits for it
+        (inputs made and placed beforehand); None where the runtime has no single-matmul probe."""
+        raise PmodError(f"backend {type(self).__name__} has no matmul probe")
+
+    def profiled(self, timer: LayerProbe) -> AbstractContextManager:
+        """A context in which every prefill calls ``timer`` at its layers' section boundaries
+        (:class:`LayerProbe`), setting ``timer.sync`` where the runtime is lazy; detached on exit.
+        Only where :attr:`profiles_layers`."""
+        raise PmodError(f"backend {type(self).__name__} has no per-layer profile")
+
+    def kernel_settings(self) -> Iterator[bool | None]:
+        """Switch the MoD kernels for a comparison: a runtime with kernels that run now yields
+        True (on), then False (their twins in the same framework), and switches them back on
+        when closed; otherwise it yields None once (nothing to switch)."""
+        yield None
 
     def check_room(self, n_new: int) -> None:
         """Refuse a chunk that would overflow the context window."""
@@ -116,38 +163,3 @@ def _normalize_inputs(input_ids, inputs_embeds, vision_mask, hidden_size: int):
             raise PmodError(f"vision_mask must have shape [{n}] to match the tokens, got {list(mask.shape)}")
         mask = mask.astype(bool)
     return ids, emb, mask
-
-
-def open_engine(path, backend: str = "mlx", dtype: str | None = None, **kwargs) -> Engine:
-    """Open a pmod checkpoint directory with the chosen runtime.
-
-    ``dense=True`` gives the plain-LLaVA twin on the same weights: every layer runs over
-    every token, routers unused (for p-MoD vs dense comparisons). ``adapter_path=DIR`` (mlx)
-    applies a LoRA adapter written by ``pmod lora``; other backends load ``pmod fuse``'s output.
-    ``retention=S`` scales every MoD layer's ratio (``pmod.schedule.layer_ratios``): mlx and
-    torch take any S > 0; an ONNX/TensorRT export runs at the S it was exported with.
-    """
-    if backend not in BACKENDS:
-        raise PmodError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if kwargs.get("retention") is None:
-        kwargs.pop("retention", None)
-    else:
-        from .schedule import check_retention
-
-        kwargs["retention"] = check_retention(kwargs["retention"])
-    if kwargs.get("adapter_path") is None:
-        kwargs.pop("adapter_path", None)
-    elif backend != "mlx":
-        raise PmodError(f"the {backend} backend takes no LoRA adapter: merge it first with 'pmod fuse --model "
-                        f"{path} --adapter-path {kwargs['adapter_path']} --out FUSED' and open FUSED")
-    target, extra = BACKENDS[backend]
-    module_name, factory = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        top = module_name.split(".")[0]
-        if e.name and e.name != top and e.name.startswith(top + "."):
-            raise  # a bug inside the runtime, not a missing install
-        raise PmodError(
-            f"backend {backend!r} is not installed ({e.name or e}): pip install 'pmod[{extra}]'") from None
-    return getattr(module, factory)(path, dtype=dtype, **kwargs)

@@ -26,13 +26,11 @@ ratios, hence ``k_l``, are those the runtimes use at that setting.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from .config import PmodConfig
-from .errors import PmodError
-from .schedule import capacities, check_retention, layer_ratios
+from pmod.config import PmodConfig
+from pmod.errors import PmodError
+from pmod.schedule import capacities, check_retention, layer_ratios
 
 KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -283,31 +281,3 @@ def format_report(rep: Report, title: str = "") -> str:
     lines.append(f"next token  dense {dd / 1e9:.2f} GFLOPs   p-MoD {pd / 1e9:.2f} GFLOPs"
                  f"   ratio {100 * pd / dd:.1f}%   (one decode step after the prefill)")
     return "\n".join(lines)
-
-
-def print_flops(args) -> None:
-    """``pmod flops``: resolve the config from ``args.model`` or ``args.preset``, print."""
-    model, preset = getattr(args, "model", None), getattr(args, "preset", None)
-    if model is None and preset is None:
-        raise PmodError("give a model directory or --preset NAME "
-                        f"(presets: {', '.join(sorted(PRESETS))})")
-    if model is not None and preset is not None:
-        raise PmodError("give either a model directory or --preset, not both")
-    n_vision = getattr(args, "vision_tokens", 2880)
-    n_text = getattr(args, "text_tokens", 0)
-    if n_vision is not None and n_vision < 0:
-        raise PmodError(f"--vision-tokens must be >= 0, got {n_vision}")
-    if n_text is not None and n_text < 0:
-        raise PmodError(f"--text-tokens must be >= 0, got {n_text}")
-    if preset is not None:
-        config, title = preset_config(preset), f"preset {preset}"
-    else:
-        from .format import read_config
-
-        config, title = read_config(model), f"model {Path(model)}"
-    kv_dtype = getattr(args, "kv_dtype", "float16") or "float16"
-    retention = getattr(args, "retention", None)
-    rep = report(config, n_vision, n_text, kv_dtype, retention=1.0 if retention is None else retention)
-    if not config.is_mod:
-        title += " (dense model: mod_target_layers is null)"
-    sys.stdout.write(format_report(rep, title) + "\n")

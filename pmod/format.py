@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FORMAT_VERSION, PmodConfig
-from .errors import PmodError
-from .quantization import PACKED, packed_weights, quantize_shapes, require_float
-from .safetensors_io import float32_to_bf16_bits, read_header, read_tensors, to_float32, write_file
-from .schedule import layer_ratios
+from pmod.config import FORMAT_VERSION, PmodConfig
+from pmod.errors import PmodError
+from pmod.quantization import PACKED, packed_weights, quantize_shapes, require_float
+from pmod.safetensors_io import float32_to_bf16_bits, read_header, read_tensors, to_float32, write_file
+from pmod.schedule import layer_ratios
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -52,9 +52,10 @@ def expected_tensors(config: PmodConfig) -> dict[str, tuple[int, ...]]:
         p = f"language_model.layers.{i}."
         t[p + "input_layernorm.weight"] = (H,)
         t[p + "post_attention_layernorm.weight"] = (H,)
-        for name, shape in (("q_proj", (q, H)), ("k_proj", (kv, H)), ("v_proj", (kv, H)), ("o_proj", (H, q))):
+        for name, shape, bias in (("q_proj", (q, H), c.qkv_bias), ("k_proj", (kv, H), c.qkv_bias),
+                                  ("v_proj", (kv, H), c.qkv_bias), ("o_proj", (H, q), c.o_bias)):
             t[p + f"self_attn.{name}.weight"] = shape
-            if c.attention_bias:
+            if bias:
                 t[p + f"self_attn.{name}.bias"] = shape[:1]
         for name, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
             t[p + f"mlp.{name}.weight"] = shape

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import PmodError
+from pmod.errors import PmodError
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -54,7 +54,7 @@ def read_adapter_config(adapter_path) -> dict:
 
 def read_adapter(adapter_path) -> tuple[dict, dict[str, np.ndarray]]:
     """``(adapter_config, {name: float32 array})``."""
-    from .safetensors_io import read_header, read_tensors, to_float32
+    from pmod.safetensors_io import read_header, read_tensors, to_float32
 
     cfg = read_adapter_config(adapter_path)
     f = Path(adapter_path) / ADAPTER_FILE
@@ -111,19 +111,20 @@ def merged_tensors(cfg: dict, tensors: dict, base: Callable[[str], np.ndarray],
 
 
 def merge_adapter(config, cfg: dict, tensors: dict, read: Callable[[str], np.ndarray],
-                  dtype: str) -> dict[str, np.ndarray]:
+                  dtype: str, ops=None) -> dict[str, np.ndarray]:
     """The checkpoint tensors the adapter changes, merged; ``read(name)`` returns a stored tensor.
 
     In a quantized checkpoint an adapted (or replaced) quantized linear is dequantized,
-    merged, and quantized again into its weight, scales and biases (scales in ``dtype``).
+    merged, and quantized again into its weight, scales and biases (scales in ``dtype``), with
+    ``ops`` (``pmod.quantization.need_ops``).
     """
-    from .format import expected_tensors
-    from .quantization import PARTS, float_config, mlx_ops
+    from pmod.format import expected_tensors
+    from pmod.quantization import PARTS, float_config, need_ops
 
     q = config.quant
     if q is None:
         return merged_tensors(cfg, tensors, read, expected_tensors(config))
-    ops = mlx_ops("a LoRA adapter on a quantized checkpoint")
+    ops = need_ops(ops, "a LoRA adapter on a quantized checkpoint")
     quantized = {m + ".weight": m for m in q.modules}
 
     def base(name: str) -> np.ndarray:
@@ -138,15 +139,15 @@ def merge_adapter(config, cfg: dict, tensors: dict, read: Callable[[str], np.nda
     return merged
 
 
-def fuse(model_dir, adapter_path, out, dtype: str | None = None) -> Path:
+def fuse(model_dir, adapter_path, out, dtype: str | None = None, ops=None) -> Path:
     """Write ``out``: the checkpoint ``model_dir`` with the adapter merged into its weights,
     in the base's dtype unless ``dtype`` is given, its tokenizer copied. A quantized base
     gives a quantized result (the adapted linears re-quantized, see :func:`merge_adapter`)."""
-    from .format import load_numpy, save_checkpoint, stored_dtype, validate
+    from pmod.format import load_numpy, save_checkpoint, stored_dtype, validate
 
     config, found = validate(model_dir)
     cfg, tensors = read_adapter(adapter_path)
     dtype = dtype or stored_dtype(found)
     _, weights = load_numpy(model_dir, quantized=True)
-    weights.update(merge_adapter(config, cfg, tensors, weights.__getitem__, dtype))
+    weights.update(merge_adapter(config, cfg, tensors, weights.__getitem__, dtype, ops))
     return save_checkpoint(out, config, weights, dtype=dtype, tokenizer_dir=model_dir)

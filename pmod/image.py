@@ -34,8 +34,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import PmodConfig
-from .errors import PmodError
+from pmod.config import PmodConfig
+from pmod.errors import PmodError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

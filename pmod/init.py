@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import PmodConfig
-from .format import expected_tensors
+from pmod.config import PmodConfig
+from pmod.format import expected_tensors
 
 STD = 0.02
 RESIDUAL_OUT = ("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight")

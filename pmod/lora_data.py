@@ -41,8 +41,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import prompt
-from .errors import PmodError
+from pmod import prompt
+from pmod.errors import BadSetting, PmodError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 ON_BAD_ROW = ("fail", "skip")
@@ -151,7 +151,7 @@ def parse_row(obj, base_dir: Path) -> tuple[list, str, list]:
 def check_row(obj, base_dir: Path, source: str, tokenizer, config, processor=None,
               keep_images: bool = True) -> Row:
     """A fully checked :class:`Row` (template applied, images decoded), or ``BadRow``."""
-    from .image import preprocess
+    from pmod.image import preprocess
 
     messages, system, paths = parse_row(obj, base_dir)
     if paths and config.vision_config is None:
@@ -184,7 +184,7 @@ def row_images(row: Row, config, processor=None) -> list:
     """The row's preprocessed images (cached, or preprocessed again)."""
     if row._images is not None:
         return row._images
-    from .image import preprocess
+    from pmod.image import preprocess
 
     return [preprocess(p, config, processor) for p in row.image_paths]
 
@@ -232,7 +232,7 @@ def read_jsonl(path, tokenizer, config, processor=None, on_bad_row: str = "fail"
             rows.append(row)
     if bad and on_bad_row == "fail":
         more = f" (and {len(bad) - 1} more, listed above)" if len(bad) > 1 else ""
-        raise PmodError(f"bad row {bad[0]}{more}; fix the data or pass --on-bad-row skip")
+        raise BadSetting(f"bad row {bad[0]}{more}; fix the data or pass {{on_bad_row}} skip", "on_bad_row")
     return rows, bad
 
 
@@ -358,11 +358,11 @@ class LoraSettings:
     def __post_init__(self):
         self.target_modules = tuple(parse_targets(self.target_modules))
         if not (isinstance(self.rank, int) and self.rank >= 1):
-            raise PmodError(f"--rank must be a positive integer, got {self.rank}")
+            raise BadSetting(f"{{rank}} must be a positive integer, got {self.rank}", "rank")
         if not 0.0 <= self.dropout < 1.0:
-            raise PmodError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise BadSetting(f"{{dropout}} must be in [0, 1), got {self.dropout}", "dropout")
         if not isinstance(self.num_layers, int) or (self.num_layers < 1 and self.num_layers != -1):
-            raise PmodError(f"--num-layers must be >= 1 or -1 (all), got {self.num_layers}")
+            raise BadSetting(f"{{num_layers}} must be >= 1 or -1 (all), got {self.num_layers}", "num_layers")
 
     @property
     def scale(self) -> float:
@@ -389,7 +389,7 @@ def parse_targets(targets) -> list[str]:
         if short not in out:
             out.append(short)
     if not out:
-        raise PmodError("--target-modules is empty")
+        raise BadSetting("{target_modules} is empty", "target_modules")
     return out
 
 
@@ -438,13 +438,13 @@ def resolve_args(given: dict, resume: bool) -> TrainArgs:
     (``None`` = not given). Changing a trajectory setting on resume is an error."""
     given = {k: v for k, v in given.items() if v is not None}
     if "adapter_path" not in given:
-        raise PmodError("--adapter-path is required")
+        raise BadSetting("{adapter_path} is required", "adapter_path")
     if not resume:
         for k in ("model", "data"):
             if k not in given:
-                raise PmodError(f"--{k} is required")
+                raise BadSetting(f"{{{k}}} is required", k)
         return TrainArgs(**given)
-    from .fuse import CONFIG_FILE, read_adapter_config
+    from pmod.fuse import CONFIG_FILE, read_adapter_config
 
     saved = read_adapter_config(given["adapter_path"]).get("training")
     if not isinstance(saved, dict):
@@ -455,8 +455,8 @@ def resolve_args(given: dict, resume: bool) -> TrainArgs:
         merged["target_modules"] = ",".join(merged["target_modules"])
     for k, v in given.items():
         if k in RESUME_FIXED and k in merged and _norm(k, v) != _norm(k, merged[k]):
-            raise PmodError(f"--resume: --{k.replace('_', '-')} {v} differs from the interrupted run's "
-                            f"{merged[k]}; a resumed run keeps its settings (start a new --adapter-path instead)")
+            raise BadSetting(f"{{resume}}: {{{k}}} {v} differs from the interrupted run's {merged[k]}; a resumed "
+                             "run keeps its settings (start a new {adapter_path} instead)", "resume", k, "adapter_path")
         merged[k] = v
     return TrainArgs(**merged)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PmodError
+from pmod.errors import PmodError
 
 IMAGE = "<image>"
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "

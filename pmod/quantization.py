@@ -11,7 +11,9 @@ kept), norms, embeddings and the vision tower stay float, and so does a linear w
 input size the group size does not divide.
 
 This module holds the rules and the shapes (numpy only). The arithmetic is MLX's
-(``pmod_mlx.quantize``), imported on demand through :func:`mlx_ops`.
+(``pmod_mlx.quantize``): the functions that need it take it as ``ops``, an object with
+``quantize_weight`` and ``dequantize_weight`` (the CLI passes the MLX runtime's, from
+``pmod.app.registry.tool("quantization", ...)``), so the core never imports a runtime.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from .errors import PmodError
+from pmod.errors import BadSetting, PmodError
 
 if TYPE_CHECKING:
-    from .config import PmodConfig
+    from pmod.config import PmodConfig
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -71,9 +73,9 @@ class Quantization:
 def check_settings(bits, group_size) -> None:
     """A one-line error for a bit width or group size MLX's affine quantization does not take."""
     if not _one_of(bits, BITS):
-        raise PmodError(f"--quantize must be 4 or 8 (bits per weight), got {bits!r}")
+        raise BadSetting(f"{{quantize}} must be 4 or 8 (bits per weight), got {bits!r}", "quantize")
     if not _one_of(group_size, GROUP_SIZES):
-        raise PmodError(f"--group-size must be 32, 64 or 128, got {group_size!r}")
+        raise BadSetting(f"{{group_size}} must be 32, 64 or 128, got {group_size!r}", "group_size")
 
 
 def _one_of(value, options) -> bool:
@@ -192,19 +194,16 @@ def _grouped(modules) -> list[str]:
     return out
 
 
-def mlx_ops(what: str):
-    """``pmod_mlx.quantize`` (MLX's quantize/dequantize), or a one-line error naming the extra."""
-    try:
-        from pmod_mlx import quantize
-    except ImportError as e:
-        if e.name and e.name.startswith("pmod_mlx."):
-            raise
-        raise PmodError(f"{what} needs MLX ({e.name or e} is missing): pip install 'pmod[mlx]'") from None
-    return quantize
+def need_ops(ops, what: str):
+    """``ops`` (the quantization arithmetic), or a one-line error for a caller that gave none."""
+    if ops is None:
+        raise PmodError(f"{what} needs MLX's quantization arithmetic: pass ops=pmod_mlx.quantize "
+                        "(the pmod CLI does this when the mlx extra is installed)")
+    return ops
 
 
 def quantized_loaders(config: "PmodConfig", loaders: dict[str, Callable], bits: int, group_size: int,
-                      dtype: str) -> tuple["PmodConfig", dict[str, Callable]]:
+                      dtype: str, ops) -> tuple["PmodConfig", dict[str, Callable]]:
     """The quantized model's config and tensor loaders, from the float model's.
 
     A quantized linear's three tensors come from one ``mx.quantize`` of its weight as
@@ -212,7 +211,7 @@ def quantized_loaders(config: "PmodConfig", loaders: dict[str, Callable], bits: 
     row), so a large model converts one linear at a time.
     """
     check_settings(bits, group_size)
-    ops = mlx_ops("pmod convert --quantize")
+    ops = need_ops(ops, "pmod convert --quantize")
     qconfig = with_quantization(config, bits, group_size)
     out = dict(loaders)
     for m in qconfig.quant.modules:
@@ -229,10 +228,10 @@ def quantized_loaders(config: "PmodConfig", loaders: dict[str, Callable], bits: 
     return qconfig, out
 
 
-def dequantized_loaders(config: "PmodConfig", loaders: dict[str, Callable]) -> tuple["PmodConfig", dict[str, Callable]]:
+def dequantized_loaders(config: "PmodConfig", loaders: dict[str, Callable], ops) -> tuple["PmodConfig", dict[str, Callable]]:
     """The float model's config and tensor loaders, from a quantized checkpoint's (``--dequantize``)."""
     q = config.quant
-    ops = mlx_ops("pmod convert --dequantize")
+    ops = need_ops(ops, "pmod convert --dequantize")
     out = dict(loaders)
     for m in q.modules:
         w, s, b = (out.pop(f"{m}.{key}") for key in PARTS)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PmodError
+from pmod.errors import PmodError
 
 _NP = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,

@@ -28,16 +28,16 @@ import math
 
 import numpy as np
 
-from .config import _DECAY_RE, PmodConfig
-from .errors import PmodError
+from pmod.config import _DECAY_RE, PmodConfig
+from pmod.errors import BadSetting, PmodError
 
 
 def check_retention(retention) -> float:
     """``retention`` as a float; a one-line error unless it is a finite number > 0."""
     if isinstance(retention, bool) or not isinstance(retention, (int, float)) \
             or not math.isfinite(retention) or retention <= 0:
-        raise PmodError(f"retention (--retention) must be a number > 0 (1 keeps the trained schedule), "
-                        f"got {retention!r}")
+        raise BadSetting(f"{{retention}} must be a number > 0 (1 keeps the trained schedule), got {retention!r}",
+                         "retention")
     return float(retention)
 
 

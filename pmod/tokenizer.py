@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PmodError
+from pmod.errors import PmodError
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import mlx.core as mx
 import numpy as np
 
 from pmod.engine import Engine, _normalize_inputs
 
+from . import kernels
+from .blas import blas_info
 from .loader import load
 
 
+def device() -> str:
+    """Where MLX runs: ``metal`` where Metal is available, else ``cpu``."""
+    return "metal" if mx.metal.is_available() else "cpu"
+
+
+def runtime_info() -> dict:
+    """This runtime in this process (``pmod info --system``): ``version`` of mlx, ``device``,
+    ``blas`` (:func:`pmod_mlx.blas.blas_info`) and ``kernels`` (whether the MoD layer's Metal
+    kernels run, :func:`pmod_mlx.kernels.enabled`)."""
+    return dict(version=mx.__version__, device=device(), blas=blas_info(), kernels=kernels.enabled())
+
+
 class MLXEngine(Engine):
+    profiles_layers = True
+
     def __init__(self, path, dtype: str | None = None, dense: bool = False, adapter_path=None,
                  retention: float | None = None):
         self.retention = 1.0 if retention is None else retention
@@ -66,3 +84,38 @@ class MLXEngine(Engine):
 
     def reset(self) -> None:
         self.cache = self.model.make_cache()
+
+    # ------------------------------------------------------------------ the runtime
+    def runtime_info(self) -> dict:
+        dtype = str(self.dtype).rsplit(".", 1)[-1]  # mlx.core.float32
+        return dict(device=device(), dtype=dtype, kv_dtype=dtype, blas=blas_info(), kernels=kernels.enabled())
+
+    def matmul_probe(self, n: int):
+        rng = np.random.default_rng(0)
+        a, b = (mx.array(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+        mx.eval(a, b)
+        return lambda: mx.eval(a @ b)
+
+    @contextmanager
+    def profiled(self, timer):
+        """The language model calls ``timer`` (its ``probe``); MLX is lazy, so ``timer.sync`` is ``mx.eval``."""
+        lm = self.model.language_model
+        timer.sync = mx.eval
+        lm.probe = timer
+        try:
+            yield
+        finally:
+            lm.probe = None
+
+    def kernel_settings(self):
+        """Where the Metal kernels run (``pmod_mlx.kernels``), a p-MoD engine yields True, then
+        False with the kernels switched off (their MLX twins run), and switches them back on."""
+        if self.dense or not kernels.enabled():
+            yield None
+            return
+        try:
+            yield True
+            kernels.set_enabled(False)
+            yield False
+        finally:
+            kernels.set_enabled(True)

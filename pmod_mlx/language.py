@@ -33,12 +33,6 @@ from pmod.schedule import kept_count, layer_ratios
 from . import kernels
 from .cache import LayerKVCache, make_cache
 
-#: ``pmod bench --profile`` sets a ``pmod.bench.LayerTimer`` here for one prefill: the decoder
-#: then calls it at section boundaries (it evaluates the arrays and reads the clock);
-#: ``scripts/train_default_model.py`` sets one that keeps a layer's input for its binding
-#: loss. None, as always otherwise, costs one check per section.
-PROBE = None
-
 
 @dataclass
 class Rope:
@@ -104,11 +98,11 @@ class Attention(nn.Module):
         H, D = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
         self.scale = D**-0.5
-        bias = config.attention_bias
+        bias = config.qkv_bias
         self.q_proj = nn.Linear(H, self.n_heads * D, bias=bias)
         self.k_proj = nn.Linear(H, self.n_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(H, self.n_kv_heads * D, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=config.o_bias)
 
     def __call__(self, x: mx.array, rope: Rope, cache: LayerKVCache | None) -> mx.array:
         B, T, _ = x.shape
@@ -175,13 +169,27 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+#: Text family (``pmod.architectures``) -> the classes of its attention and MLP, each built from
+#: the config; the norms are RMSNorm and the MoD routing is the same for every family. A new
+#: family is a module that adds its entry here.
+FAMILIES: dict[str, tuple[type, type]] = {"llama": (Attention, MLP)}
+
+
+def decoder_parts(config: PmodConfig) -> tuple[type, type]:
+    if config.text_model_type not in FAMILIES:
+        raise PmodError(f"the mlx runtime has no decoder for text model {config.text_model_type!r}: "
+                        f"it runs {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[config.text_model_type]
+
+
 class DecoderLayer(nn.Module):
-    """A LLaMA layer; with a ``ratio`` it is a MoD layer and owns a router."""
+    """A decoder layer of the config's text family; with a ``ratio`` it is a MoD layer and owns a router."""
 
     def __init__(self, config: PmodConfig, ratio: float | None):
         super().__init__()
-        self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        attention, mlp = decoder_parts(config)
+        self.self_attn = attention(config)
+        self.mlp = mlp(config)
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.ratio = ratio
@@ -189,18 +197,19 @@ class DecoderLayer(nn.Module):
             self.router = nn.Linear(config.hidden_size, 1, bias=config.mod_bias_enabled)
             self.w_kind, self.w_scale, self.w_bias = config.weight_norm
 
-    def _block(self, x: mx.array, rope: Rope, cache):
+    def _block(self, x: mx.array, rope: Rope, cache, probe=None):
         h = x + self.self_attn(self.input_layernorm(x), rope, cache)
-        if PROBE is not None:
-            PROBE.mark("attention", h)
+        if probe is not None:
+            probe.mark("attention", h)
         m = self.mlp(self.post_attention_layernorm(h))
-        if PROBE is not None:
-            PROBE.mark("mlp", m)
+        if probe is not None:
+            probe.mark("mlp", m)
         return h, m
 
-    def __call__(self, x: mx.array, rope: Rope, cache, routing: Routing | None) -> mx.array:
+    def __call__(self, x: mx.array, rope: Rope, cache, routing: Routing | None, probe=None) -> mx.array:
+        """``probe``: the language model's (:attr:`LanguageModel.probe`), called at section boundaries."""
         if self.ratio is None or routing is None:
-            h, m = self._block(x, rope, cache)
+            h, m = self._block(x, rope, cache, probe)
             return h + m
         s = self.router(x)[..., 0].astype(mx.float32)  # [B, T]
         k = kept_count(routing.n_vision, self.ratio)
@@ -212,9 +221,9 @@ class DecoderLayer(nn.Module):
         if keep.shape[1] == 0:
             return gate[..., None] * x  # an all-vision chunk of which this layer keeps nothing
         x_keep, rope_keep = mx.take_along_axis(x, keep[..., None], axis=1), rope.take(keep)
-        if PROBE is not None:
-            PROBE.mark("route", gate, slot, x_keep, rope_keep.cos, rope_keep.sin, rope_keep.positions)
-        h, m = self._block(x_keep, rope_keep, cache)
+        if probe is not None:
+            probe.mark("route", gate, slot, x_keep, rope_keep.cos, rope_keep.sin, rope_keep.positions)
+        h, m = self._block(x_keep, rope_keep, cache, probe)
         return kernels.merge(x, h, m, gate, keep, slot)  # kept: h + gate * m; skipped: gate * x
 
 
@@ -228,6 +237,11 @@ class LanguageModel(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        #: A ``pmod.engine.LayerProbe`` the forward pass calls at section boundaries (``enter`` /
+        #: ``mark`` with the arrays at hand): ``MLXEngine.profiled`` sets a timer here for
+        #: ``pmod bench --profile``, the shapes trainer one that keeps a layer's input for its
+        #: binding loss. None, as always otherwise, costs one check per section.
+        self.probe = None
 
     def make_cache(self) -> list[LayerKVCache]:
         return make_cache(len(self.layers))
@@ -249,14 +263,15 @@ class LanguageModel(nn.Module):
         offset = cache[0].offset if cache else 0
         rope = rope_tables(self.config, mx.arange(offset, offset + T, dtype=mx.int32))
         cache = cache or [None] * len(self.layers)
+        probe = self.probe
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            if PROBE is not None:
-                PROBE.enter(i, h)
-            h = layer(h, rope, c, routing)
+            if probe is not None:
+                probe.enter(i, h)
+            h = layer(h, rope, c, routing, probe)
             if c is not None:
                 c.advance(T)
-        if PROBE is not None:
-            PROBE.enter(None, h)
+        if probe is not None:
+            probe.enter(None, h)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

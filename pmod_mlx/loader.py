@@ -57,10 +57,11 @@ def _merged_adapter(adapter_path, config, weights: dict, dtype: str) -> dict:
     import numpy as np
 
     from pmod.fuse import merge_adapter, read_adapter
+    from pmod_mlx import quantize
 
     def read(name: str) -> np.ndarray:
         a = weights[name]
         return np.array(a if a.dtype == mx.uint32 else a.astype(mx.float32))
 
     cfg, tensors = read_adapter(adapter_path)
-    return {n: mx.array(v) for n, v in merge_adapter(config, cfg, tensors, read, dtype).items()}
+    return {n: mx.array(v) for n, v in merge_adapter(config, cfg, tensors, read, dtype, quantize).items()}

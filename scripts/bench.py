@@ -18,13 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from pmod.bench import check_schema, fmt_bytes, fmt_ms, retention_note, speedups  # noqa: E402
-from pmod.cli import main as pmod_main  # noqa: E402
-from pmod.errors import PmodError  # noqa: E402
+from pmod.app.bench import check_schema, fmt_bytes, fmt_ms, retention_note, speedups
+from pmod.app.cli import main as pmod_main
+from pmod.errors import PmodError
 
 BEGIN, END = "<!-- bench -->", "<!-- /bench -->"
 

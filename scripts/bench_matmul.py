@@ -14,7 +14,6 @@ for reference. A size is N (N x N @ N x N), MxKxN (M x K @ K x N) or "llm"
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 LLM = (2944, 512, 1376)
 DEFAULT_SIZES = "512,1024,2048,llm"
 DEFAULT_DTYPES = "float32,float16,bfloat16"
@@ -53,18 +51,6 @@ def size_label(s) -> str:
     if tuple(s) == LLM:
         return f"{m}x{k} @ {k}x{n}"
     return f"{m}^3" if m == k == n else f"{m}x{k} @ {k}x{n}"
-
-
-def load_blas_module():
-    """pmod_mlx/blas.py on its own (stdlib only), without importing the whole runtime."""
-    name = "pmod_mlx.blas"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "pmod_mlx" / "blas.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def timed(fn, min_time: float) -> float:
@@ -105,8 +91,9 @@ def worker_numpy(args) -> dict:
 
 
 def worker_mlx(args) -> dict:
-    blas = load_blas_module()
-    info = blas.load_fast_blas()  # before mlx.core
+    from pmod_mlx import blas  # importing pmod_mlx loads the fast BLAS before mlx.core
+
+    info = blas.load_fast_blas()  # loaded once: this returns what was loaded
     import mlx.core as mx
     import numpy as np
 

@@ -6,7 +6,8 @@ held-out accuracy per question type as it goes. With ``--text-scene`` the image 
 replaced by the scene written out in words, object by object, with the side of the image
 it is on as the position questions judge it ("orange triangle left top, purple diamond
 right middle. is there a star?"): the decoder's own learning speed, with no vision in
-the way. The training loop is ``train_default_model``'s.
+the way. The training loop, batches and binding loss are the embedded model's
+(``pmod.tasks.shapes.train``, ``.batches``, ``.losses``).
 
     python scripts/decoder_probe.py --types existence --steps 200 --eval-every 25
     python scripts/decoder_probe.py --text-scene --steps 3000 --eval-every 300
@@ -17,45 +18,46 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
+import pmod_mlx  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx
 
-import train_default_model as tdm  # noqa: E402  (imports pmod_mlx before mlx)
-import mlx.core as mx  # noqa: E402
-
-from pmod import shapes  # noqa: E402
-from pmod.errors import PmodError  # noqa: E402
-from pmod.format import expected_tensors, load_numpy  # noqa: E402
-from pmod.image import ImageProcessorConfig  # noqa: E402
-from pmod.init import random_weights  # noqa: E402
-from pmod.models import resolve_model  # noqa: E402
-from pmod_mlx.model import Model  # noqa: E402
-from pmod_mlx.parallel import launch  # noqa: E402
-from pmod_mlx.train import answer_loss, answer_rows_right, collate, make_example  # noqa: E402
-from pmod_mlx.vision import sanitize  # noqa: E402
+from pmod.tasks import shapes
+from pmod.errors import PmodError
+from pmod.format import expected_tensors, load_numpy
+from pmod.image import ImageProcessorConfig
+from pmod.init import random_weights
+from pmod.app.models import resolve_model
+from pmod.tasks.shapes.batches import binding, qa_messages
+from pmod.tasks.shapes.labels import side
+from pmod.tasks.shapes.losses import LayerInput, bind_layer, binding_loss, language_logits
+from pmod.tasks.shapes.train import model_config, run_stage
+from pmod_mlx.model import Model
+from pmod_mlx.parallel import launch
+from pmod_mlx.train import answer_loss, answer_rows_right, collate, make_example
+from pmod_mlx.vision import sanitize
 
 
 def scene_text(scene: shapes.Scene) -> str:
     across = ("left", "right", "middle")
     down = ("top", "bottom", "middle")
-    return ", ".join(f"{o.colour} {o.shape} {across[tdm.side(scene, o.cx) - 1]} {down[tdm.side(scene, o.cy) - 1]}"
+    return ", ".join(f"{o.colour} {o.shape} {across[side(scene, o.cx) - 1]} {down[side(scene, o.cy) - 1]}"
                      for o in scene.objects) + ". "
 
 
 def batch(tokenizer, config, processor, split: str, start: int, n: int, args, qpi: int):
-    """A collated batch, its ``tdm.Binding`` (None for ``--text-scene``) and each row's question types."""
+    """A collated batch, its ``Binding`` (None for ``--text-scene``) and each row's question types."""
     stream = shapes.iter_samples(split, seed=args.seed, start=start, questions_per_image=qpi, types=args.types)
     samples = list(itertools.islice(stream, n))
     if args.text_scene:
-        examples = [make_example(tokenizer, tdm.qa_messages(s, scene_text(s.scene), image=False), [], config,
+        examples = [make_example(tokenizer, qa_messages(s, scene_text(s.scene), image=False), [], config,
                                  processor) for s in samples]
     else:
-        examples = [make_example(tokenizer, tdm.qa_messages(s), [s.image], config, processor) for s in samples]
+        examples = [make_example(tokenizer, qa_messages(s), [s.image], config, processor) for s in samples]
     collated = collate(examples, config.mod_target_token_type)
-    return collated, None if args.text_scene else tdm.binding(samples, collated), [s.qa[0][0] for s in samples]
+    return collated, None if args.text_scene else binding(samples, collated), [s.qa[0][0] for s in samples]
 
 
 def probe(group, model_dir: str, args) -> None:
@@ -65,7 +67,7 @@ def probe(group, model_dir: str, args) -> None:
 
     mx.random.seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = tdm.model_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config = model_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     config.num_hidden_layers = args.layers
     processor = ImageProcessorConfig.for_model(config)
     model = Model(config)
@@ -83,10 +85,10 @@ def probe(group, model_dir: str, args) -> None:
 
     def loss(m, b, bind):
         if not args.bind_weight:
-            return answer_loss(tdm.language_logits(m, b), b)
-        caught = tdm.LayerInput(tdm.bind_layer(config))
-        value = answer_loss(tdm.language_logits(m, b, layer_input=caught), b)
-        return value + args.bind_weight * tdm.binding_loss(m, caught.h, b, bind)
+            return answer_loss(language_logits(m, b), b)
+        caught = LayerInput(bind_layer(config))
+        value = answer_loss(language_logits(m, b, layer_input=caught), b)
+        return value + args.bind_weight * binding_loss(m, caught.h, b, bind)
 
     def evaluate(step):
         ok = answer_rows_right(model, val)
@@ -94,7 +96,7 @@ def probe(group, model_dir: str, args) -> None:
             f"{k} {ok[val_kinds == k].mean():.0%}" for k in sorted(set(val_kinds)))
 
     bs = args.batch_size
-    tdm.run_stage(group, "probe", model, loss,
+    run_stage(group, "probe", model, loss,
                   lambda step, g: batch(tokenizer, config, processor, "train", step * bs + g.shard(range(bs)).start,
                                         len(g.shard(range(bs))), args, args.questions_per_image)[:2],
                   args, 0.0, args.steps, args.learning_rate, args.warmup, evaluate=evaluate)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--bind-weight", type=float, default=0.0,
-                   help="weight of train_default_model's binding loss (0: the answers alone)")
+                   help="weight of the embedded model's binding loss (0: the answers alone)")
     p.add_argument("--layers", type=int, default=12, help="decoder layers")
     p.add_argument("--std", type=float, default=0.0,
                    help="init std of every decoder and projector matrix instead of pmod.init's 1/sqrt(fan_in) "
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
         config, tensors = load_numpy(model_dir)
     except PmodError as e:
         p.error(str(e))
-    want = expected_tensors(tdm.model_config(config.vocab_size, config.bos_token_id, config.eos_token_id))
+    want = expected_tensors(model_config(config.vocab_size, config.bos_token_id, config.eos_token_id))
     bad = [k for k, shape in want.items() if k.startswith("vision_tower") and tensors.get(k, np.empty(0)).shape != shape]
     if bad:
         p.error(f"{model_dir} has not the embedded model's vision tower ({bad[0]}); "

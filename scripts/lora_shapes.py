@@ -1,7 +1,7 @@
 """Teach the embedded model something new with LoRA, and show it learned it without forgetting.
 
 The embedded model was trained on the shapes task's six colours. This script builds a
-finetuning set with ``pmod.shapes`` in the LLaVA conversation format (JSONL + PNGs) for a
+finetuning set with ``pmod.tasks.shapes`` in the LLaVA conversation format (JSONL + PNGs) for a
 task it cannot do:
 
 - ``colours`` (default): three new colour names (pink, cyan, brown: ``shapes.EXTRA_COLOURS``),
@@ -29,12 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from eval_default_model import evaluate  # noqa: E402
-
-from pmod import shapes  # noqa: E402
-from pmod.models import resolve_model  # noqa: E402
+from pmod.tasks import shapes
+from pmod.app.models import resolve_model
+from pmod.tasks.shapes.evaluate import evaluate
 
 NEW_COLOURS = ("pink", "cyan", "brown")
 
@@ -154,7 +151,7 @@ def main(argv=None) -> int:
     import pmod_mlx  # noqa: F401  (its fast BLAS must load before mlx.core)
     import mlx.core as mx
 
-    from pmod.cli import main as pmod_main
+    from pmod.app.cli import main as pmod_main
 
     mx.reset_peak_memory()
     cmd = ["lora", "--model", str(model), "--data", str(data), "--adapter-path", str(adapter)] + lora_flags

@@ -2,7 +2,7 @@
 
 For each variant (the float16 checkpoint, ``pmod convert --quantize 8`` and ``--quantize 4``)
 a fresh process loads it in MLX, answers the held-out shapes test questions greedily
-(``scripts/eval_default_model.py``'s ``evaluate``), times a 64-token greedy decode after an
+(``pmod.tasks.shapes.evaluate``, as ``scripts/eval_default_model.py``), times a 64-token greedy decode after an
 image prompt, and reports its peak resident memory. Prints a Markdown table.
 
     python scripts/quantize_eval.py [--model DIR] [--n 500] [--group-size 64] [--json OUT]
@@ -18,10 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pmod.cli import main as pmod_main  # noqa: E402
-from pmod.models import resolve_model  # noqa: E402
+from pmod.app.cli import main as pmod_main
+from pmod.app.models import resolve_model
 
 DECODE_TOKENS = 64
 
@@ -30,9 +28,9 @@ def measure(model: str, n: int) -> dict:
     """In this process: accuracy on ``n`` test questions, decode tokens/s, peak RSS."""
     import numpy as np
 
-    from eval_default_model import evaluate
-    from pmod import shapes
-    from pmod.session import open_session
+    from pmod.tasks import shapes
+    from pmod.app.session import open_session
+    from pmod.tasks.shapes.evaluate import evaluate
 
     samples = shapes.make_samples("test", n, seed=0, questions_per_image=1)
     r = evaluate(model, samples, dense=False, dtype="float32")

@@ -16,16 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from eval_default_model import evaluate  # noqa: E402
-
-from pmod import shapes  # noqa: E402
-from pmod.errors import PmodError  # noqa: E402
-from pmod.flops import report  # noqa: E402
-from pmod.image import ImageProcessorConfig, preprocess  # noqa: E402
-from pmod.models import resolve_model  # noqa: E402
-from pmod.schedule import check_retention  # noqa: E402
+from pmod.tasks import shapes
+from pmod.errors import PmodError
+from pmod.flops import report
+from pmod.image import ImageProcessorConfig, preprocess
+from pmod.app.models import resolve_model
+from pmod.tasks.shapes.evaluate import evaluate
+from pmod.schedule import check_retention
 
 DEFAULT_VALUES = "0.25,0.5,0.75,1,1.25,1.5,2"
 

@@ -1,17 +1,43 @@
-"""Shared pytest setup: the tests folder on sys.path, tiny-model fixtures."""
+"""Shared pytest setup: the tests folder on sys.path, tiny-model fixtures.
+
+``PMOD_TEST_WITHOUT=mlx,torch`` (top-level packages, comma-separated) runs the suite as on a
+machine without them: importing one raises ImportError, so the core's tests run and the
+runtime tests skip (``pytest.importorskip``) or fail where a runtime is imported carelessly.
+"""
 
 from __future__ import annotations
 
+import importlib.abc
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+
+class _Without(importlib.abc.MetaPathFinder):
+    def __init__(self, names):
+        self.names = set(names)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (PMOD_TEST_WITHOUT)", name=fullname)
+        return None
+
+
+_WITHOUT = [n for n in os.environ.get("PMOD_TEST_WITHOUT", "").split(",") if n]
+if _WITHOUT:
+    sys.meta_path.insert(0, _Without(_WITHOUT))
+
 try:  # torch first: its MKL must bind its own BLAS symbols before OpenBLAS is loaded globally
     import torch  # noqa: F401
 except ImportError:
     pass
-import pmod_mlx  # noqa: E402,F401  (loads the fast BLAS before any test module imports mlx.core)
+try:
+    import pmod_mlx  # noqa: F401  (loads the fast BLAS before any test module imports mlx.core)
+except ImportError as e:
+    if not (e.name or "").startswith(("mlx", "mlx_lm")):
+        raise
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:

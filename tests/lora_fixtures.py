@@ -8,7 +8,7 @@ from pathlib import Path
 from builders import random_tensors, tiny_config, write_checkpoint
 from tiny_tokenizer import write_tiny_tokenizer
 
-from pmod import shapes
+from pmod.tasks import shapes
 
 # A LLaVA-1.5-style tower: 32 px images, 8 px patches -> 16 image tokens, all routed.
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from pmod.bench import PRESETS, SCHEMA, check_schema
-from pmod.cli import main
+from pmod.app.bench import PRESETS, SCHEMA, check_schema
+from pmod.app.cli import main
 from pmod.config import PmodConfig
 from pmod.errors import PmodError
-from pmod.models import DEFAULT_MODEL
+from pmod.app.models import DEFAULT_MODEL
 from pmod.schedule import layer_ratios
 
 VISION = [7, 32, 96]
@@ -236,15 +236,79 @@ def test_embedded_preset_without_the_model_is_one_line(cache, capsys):
 
 def test_profile_compares_kernels_with_their_twins_where_metal_runs(monkeypatch):
     pytest.importorskip("pmod_mlx")
-    from pmod.bench.worker import _kernel_settings
+    from pmod.engine import Engine
     from pmod_mlx import kernels
+    from pmod_mlx.engine import MLXEngine
 
-    assert list(_kernel_settings("torch", "pmod")) == [None]
-    assert list(_kernel_settings("mlx", "dense")) == [None]
+    assert list(Engine.kernel_settings(object())) == [None]  # a runtime without kernels (torch, onnx, trt)
+    engine = object.__new__(MLXEngine)  # kernel_settings reads only .dense
+    engine.dense = True
+    assert list(engine.kernel_settings()) == [None]  # the dense twin routes nothing
+    engine.dense = False
     monkeypatch.setattr(kernels, "enabled", lambda: False)  # no Metal: nothing to switch
-    assert list(_kernel_settings("mlx", "pmod")) == [None]
+    assert list(engine.kernel_settings()) == [None]
     monkeypatch.setattr(kernels, "enabled", lambda: True)  # as on a Mac
     seen = []
-    for setting in _kernel_settings("mlx", "pmod"):
+    for setting in engine.kernel_settings():
         seen.append((setting, kernels._enabled))
     assert seen == [(True, True), (False, False)] and kernels._enabled  # switched back on afterwards
+
+
+RUNTIME_PACKAGES = ("mlx", "torch", "onnx", "onnxruntime", "tensorrt", "pmod_mlx", "pmod_export", "pmod_trt")
+
+
+def test_bench_and_info_reach_runtimes_only_through_engines():
+    """``pmod bench`` and ``pmod info`` import no runtime, not even inside a function: what they ask
+    of one goes through ``open_engine`` and the engine interface, or ``pmod.app.registry``."""
+    import ast
+
+    import pmod.app
+
+    app = Path(pmod.app.__file__).parent
+    for path in [*sorted((app / "bench").glob("*.py")), app / "info.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            bad = [n for n in names if n.split(".")[0] in RUNTIME_PACKAGES]
+            assert not bad, f"{path.name}:{node.lineno} imports {bad}"
+
+
+def test_engine_without_runtime_methods_says_so_in_one_line():
+    from pmod.engine import Engine
+
+    class Bare(Engine):
+        prefill = decode = kv_lengths = reset = lambda self, *a, **k: None
+        position = 0
+
+    engine = Bare()
+    assert not engine.profiles_layers and list(engine.kernel_settings()) == [None]
+    for call, words in ((lambda: engine.runtime_info(), "does not describe its runtime"),
+                        (lambda: engine.matmul_probe(8), "has no matmul probe"),
+                        (lambda: engine.profiled(object()), "has no per-layer profile")):
+        with pytest.raises(PmodError, match=f"backend Bare {words}"):
+            call()
+
+
+def test_mlx_profiled_attaches_the_timer_for_the_block_only(cache):
+    pytest.importorskip("pmod_mlx")
+    import mlx.core as mx
+
+    from pmod.app.bench import LayerTimer, make_prompt, preset_checkpoint
+    from pmod.app.registry import open_engine
+
+    engine = open_engine(preset_checkpoint("tiny"), backend="mlx")
+    ratios = layer_ratios(engine.config)
+    timer = LayerTimer(len(ratios))
+    emb, mask = make_prompt(engine, 16, 8)
+    with engine.profiled(timer):
+        assert engine.model.language_model.probe is timer and timer.sync is mx.eval
+        engine.prefill(inputs_embeds=emb, vision_mask=mask)
+    assert engine.model.language_model.probe is None and timer.layer is None
+    assert all(t["attention"] > 0 and t["mlp"] > 0 for t in timer.times)
+    assert [t["route"] > 0 for t in timer.times] == [r is not None for r in ratios]
+    info = engine.runtime_info()
+    assert info["kv_dtype"] == "float32" and info["device"] in ("cpu", "metal") and info["blas"]["name"]

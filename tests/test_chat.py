@@ -11,9 +11,9 @@ import pytest
 import pmod
 from builders import random_tensors, tiny_config, write_checkpoint
 from pmod import prompt
-from pmod.chat import run_chat
-from pmod.generate import generate_tokens
-from pmod.session import Reply, open_session
+from pmod.app.chat import run_chat
+from pmod.app.generate import generate_tokens
+from pmod.app.session import Reply, open_session
 from tiny_tokenizer import write_tiny_tokenizer
 
 

@@ -14,7 +14,7 @@ import pytest
 from official_checkpoint import (
     LAYOUTS, make_official_checkpoint, official_config_dict, random_pmod_tensors, tiny_official_config,
 )
-from pmod.cli import main
+from pmod.app.cli import main
 from pmod.config import PmodConfig
 from pmod.convert import convert_checkpoint
 from pmod.errors import PmodError
@@ -188,7 +188,7 @@ def test_safetensors_convert_without_torch(tmp_path, model, monkeypatch):
 
 
 def test_import_pulls_no_torch():
-    code = ("import sys, pmod.convert, pmod.cli; "
+    code = ("import sys, pmod.convert, pmod.app.cli; "
             "print(sorted(m for m in ('torch', 'tqdm', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)

@@ -24,7 +24,7 @@ from official_checkpoint import (  # noqa: E402
     VISION_TOWER, make_official_checkpoint, official_tower_state_dict, random_pmod_tensors, tiny_official_config,
 )
 
-from pmod.cli import build_parser, main  # noqa: E402
+from pmod.app.cli import build_parser, main  # noqa: E402
 from pmod.convert import convert_checkpoint  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
 from pmod.format import load_numpy, validate  # noqa: E402
@@ -186,7 +186,7 @@ def test_llava_variants(tmp_path):
 
 def test_hub_style_partial_configs(tmp_path):
     """llava-hf hub configs leave out keys at transformers' defaults (llava-1.5-7b-hf's, abridged)."""
-    from pmod.convert import hf_llava_config
+    from pmod.convert.llava_hf import hf_llava_config
 
     d = {"architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
          "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",

@@ -1,9 +1,10 @@
-"""The embedded default model, `pmod demo`, and the training script that makes the model."""
+"""The embedded default model, `pmod demo`, and the training code that makes the model
+(`pmod.tasks.shapes.train`, run by scripts/train_default_model.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,20 @@ import pytest
 from PIL import Image
 
 import pmod
-from pmod.cli import main
+from pmod.app.cli import main
 from pmod.format import validate
-from pmod.models import DEFAULT_MODEL
+from pmod.app.models import DEFAULT_MODEL
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+
+
+def script(name: str):
+    """``scripts/<name>.py`` loaded as a module (scripts are entry points, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 shipped = pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(),
                              reason="the embedded model is not in this checkout")
@@ -34,8 +43,8 @@ def test_shipped_checkpoint_validates_and_is_small():
 
 @shipped
 def test_shipped_model_answers_held_out_questions():
-    from eval_default_model import evaluate
-    from pmod import shapes
+    from pmod.tasks.shapes.evaluate import evaluate
+    from pmod.tasks import shapes
 
     samples = shapes.make_samples("test", 40, seed=1, questions_per_image=1)
     r = evaluate(DEFAULT_MODEL, samples, dense=False)
@@ -45,8 +54,8 @@ def test_shipped_model_answers_held_out_questions():
 
 
 def test_other_objects_answers_leave_out_the_named_object():
-    from eval_default_model import other_objects_answers
-    from pmod import shapes
+    from pmod.tasks.shapes.evaluate import other_objects_answers
+    from pmod.tasks import shapes
 
     scene = shapes.Scene((shapes.Obj("star", "red", (225, 25, 25), 20, 20, 20),
                           shapes.Obj("circle", "blue", (30, 80, 225), 70, 20, 20),
@@ -77,7 +86,7 @@ def test_commands_default_to_the_embedded_model(capsys):
 
 
 def test_short_training_run_lowers_the_loss(tmp_path):
-    from train_default_model import main as train
+    from pmod.tasks.shapes.train import main as train
 
     out = tmp_path / "m"
     assert train(["--out", str(out), "--vision-steps", "16", "--vision-batch-size", "8", "--steps", "24",
@@ -93,8 +102,8 @@ def test_short_training_run_lowers_the_loss(tmp_path):
 
 
 def test_patch_labels_follow_the_scene():
-    from train_default_model import GRID, PATCH, patch_labels
-    from pmod import shapes
+    from pmod.tasks.shapes.labels import GRID, PATCH, patch_labels
+    from pmod.tasks import shapes
 
     s = shapes.make_samples("train", 1, seed=3)[0]
     colour, shape, centre, across, down = patch_labels(s.scene)
@@ -112,8 +121,8 @@ def test_patch_labels_follow_the_scene():
 def test_scene_labels_answer_the_generators_questions():
     """The scene labels hold the generator's own answers to its count, existence and position
     questions (the kind a question names is read back from its words)."""
-    from train_default_model import KINDS, scene_labels
-    from pmod import shapes
+    from pmod.tasks.shapes.labels import KINDS, scene_labels
+    from pmod.tasks import shapes
 
     n, checked = 1 + len(KINDS), {"count": 0, "existence": 0, "position": 0}
     for s in shapes.make_samples("train", 80, seed=5, questions_per_image=6):
@@ -143,27 +152,28 @@ def test_binding_loss_is_the_attention_paid_to_the_named_object():
     out here in float64 numpy from the layer's weights (HF RoPE, causal softmax), that head 0
     of the last dense layer pays them."""
     import mlx.core as mx
-    import train_default_model as tdm
+    from pmod.tasks.shapes import batches, labels, losses
+    from pmod.tasks.shapes.train import model_config
     from transformers import AutoTokenizer
-    from pmod import shapes
+    from pmod.tasks import shapes
     from pmod.image import ImageProcessorConfig
     from pmod.init import random_weights
     from pmod_mlx.model import Model
     from pmod_mlx.vision import sanitize
 
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
-    config = tdm.model_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, width=32)
+    config = model_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, width=32)
     model = Model(config)
     model.load_weights(list(sanitize({k: mx.array(v) for k, v in random_weights(config, seed=1).items()}).items()))
     samples = shapes.make_samples("train", 3, seed=2, questions_per_image=4)
-    batch = tdm.qa_batch(tokenizer, config, ImageProcessorConfig.for_model(config), "train", 0, 3, 2, 4)[0]
-    bind = tdm.binding(samples, batch)
-    caught = tdm.LayerInput(tdm.bind_layer(config))
-    tdm.language_logits(model, batch, layer_input=caught)
-    loss = tdm.binding_loss(model, caught.h, batch, bind).item()
+    batch = batches.qa_batch(tokenizer, config, ImageProcessorConfig.for_model(config), "train", 0, 3, 2, 4)[0]
+    bind = batches.binding(samples, batch)
+    caught = losses.LayerInput(losses.bind_layer(config))
+    losses.language_logits(model, batch, layer_input=caught)
+    loss = losses.binding_loss(model, caught.h, batch, bind).item()
 
-    layer = model.language_model.layers[tdm.bind_layer(config)]
-    assert layer.ratio is None and model.language_model.layers[tdm.bind_layer(config) + 1].ratio is not None
+    layer = model.language_model.layers[losses.bind_layer(config)]
+    assert layer.ratio is None and model.language_model.layers[losses.bind_layer(config) + 1].ratio is not None
     f64 = lambda a: np.array(a.astype(mx.float32), np.float64)  # noqa: E731
     h, D = f64(caught.h), config.head_dim
     x = h / np.sqrt((h**2).mean(-1, keepdims=True) + config.rms_norm_eps) * f64(layer.input_layernorm.weight)
@@ -178,7 +188,7 @@ def test_binding_loss_is_the_attention_paid_to_the_named_object():
     for b, s in enumerate(samples):
         T = x.shape[1]
         k = rope((x[b] @ f64(layer.self_attn.k_proj.weight).T)[:, :D], np.arange(T))
-        cover = tdm.patch_cover(s.scene)
+        cover = labels.patch_cover(s.scene)
         for j, (qtype, question, answer) in enumerate(s.qa):
             t = int(np.array(bind.query)[b, j])
             assert tokenizer.decode([int(targets[b, t])]).strip() == tokenizer.decode(
@@ -203,9 +213,9 @@ def test_exported_embedded_model_answers_like_mlx(tmp_path):
     """The shipped model through ONNX Runtime gives MLX's answers to the demo's questions."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch")
-    from pmod import shapes
-    from pmod.generate import Sampler, SamplerArgs
-    from pmod.session import Reply, open_session
+    from pmod.tasks import shapes
+    from pmod.app.generate import Sampler, SamplerArgs
+    from pmod.app.session import Reply, open_session
     from pmod_export.onnx_export import export_onnx
 
     onnx_dir = export_onnx(DEFAULT_MODEL, tmp_path / "onnx")
@@ -226,11 +236,33 @@ def test_exported_embedded_model_answers_like_mlx(tmp_path):
     assert asked >= 10
 
 
+def test_scripts_import_the_package_not_each_other():
+    """scripts/ holds entry points: none edits sys.path or imports another script, and the
+    embedded model's training and evaluation scripts only call into pmod.tasks.shapes."""
+    import ast
+
+    names = {f.stem for f in SCRIPTS.glob("*.py")}
+    assert {"train_default_model", "eval_default_model", "decoder_probe"} <= names
+    for f in sorted(SCRIPTS.glob("*.py")):
+        tree = ast.parse(f.read_text(), str(f))
+        for node in ast.walk(tree):
+            assert not (isinstance(node, ast.Attribute) and node.attr == "path"
+                        and isinstance(node.value, ast.Name) and node.value.id == "sys"), f"{f.name}: sys.path"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not {m.split(".")[0] for m in modules} & names, f"{f.name} imports a script"
+    for name, module in (("train_default_model", "pmod.tasks.shapes.train"),
+                         ("eval_default_model", "pmod.tasks.shapes.evaluate")):
+        imports = [n for n in ast.walk(ast.parse((SCRIPTS / f"{name}.py").read_text()))
+                   if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert [(n.module, [a.name for a in n.names]) for n in imports] == [(module, ["main"])], name
+
+
 def test_text_scene_holds_the_answers():
     """The decoder probe's --text-scene is fair only if the words hold the answers: each position
     question's answer is the side written after the one object the question names."""
-    from decoder_probe import scene_text
-    from pmod import shapes
+    scene_text = script("decoder_probe").scene_text
+    from pmod.tasks import shapes
 
     checked = 0
     for s in shapes.make_samples("train", 80, seed=7, questions_per_image=6):
@@ -248,7 +280,7 @@ def test_text_scene_holds_the_answers():
 
 @shipped
 def test_decoder_probe_reports_accuracy_per_type(tmp_path, capsys):
-    from decoder_probe import main as probe
+    probe = script("decoder_probe").main
 
     assert probe(["--text-scene", "--workers", "1", "--steps", "2", "--layers", "2", "--batch-size", "2",
                   "--questions-per-image", "2", "--val-size", "8", "--eval-every", "1"]) == 0

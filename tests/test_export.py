@@ -37,12 +37,12 @@ from reference import Reference  # noqa: E402
 from tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 import pmod  # noqa: E402
-from pmod.cli import main  # noqa: E402
+from pmod.app.cli import main  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
 from pmod.format import save_checkpoint  # noqa: E402
 from pmod.image import preprocess  # noqa: E402
 from pmod.schedule import capacities  # noqa: E402
-from pmod.session import Reply, Session, open_session  # noqa: E402
+from pmod.app.session import Reply, Session, open_session  # noqa: E402
 from pmod_export import decoder as static_decoder  # noqa: E402
 from pmod_export import onnx_export  # noqa: E402
 from pmod.static.contract import one_image_vision_tokens  # noqa: E402
@@ -403,7 +403,7 @@ def test_export_errors_leave_nothing(ckpt, tmp_path, monkeypatch):
         export_onnx(path, tmp_path / "a", -1)
     with pytest.raises(PmodError, match="--target 'tensorrt' is not supported: choose one of ort, trt"):
         export_onnx(path, tmp_path / "a", 4, target="tensorrt")
-    with pytest.raises(PmodError, match="--buckets must be strictly increasing"):
+    with pytest.raises(PmodError, match="^buckets must be strictly increasing"):
         export_onnx(path, tmp_path / "a", buckets=[4, 4])
     finding = "graph.onnx: n (TopK): topk: K is not a constant"
     monkeypatch.setattr(onnx_export, "_check_all", lambda directory, graphs, lint: [finding])

@@ -12,7 +12,7 @@ onnx = pytest.importorskip("onnx")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from pmod.cli import main  # noqa: E402
+from pmod.app.cli import main  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
 from pmod.static.contract import TOPK_LIMIT  # noqa: E402
 from pmod.static.lint import lint_model, lint_path  # noqa: E402

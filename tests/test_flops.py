@@ -9,7 +9,7 @@ import pytest
 
 from builders import tiny_config
 from reference import reference_kept_count, reference_ratios
-from pmod.cli import main
+from pmod.app.cli import main
 from pmod.config import PmodConfig
 from pmod.errors import PmodError
 from pmod.flops import (PRESETS, decode_flops, kv_bytes, kv_entries, prefill_flops,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from builders import random_tensors, tiny_config
-from pmod.cli import main
+from pmod.app.cli import main
 from pmod.errors import PmodError
 from pmod.format import expected_tensors, load_numpy, save_checkpoint, validate
 from pmod.safetensors_io import float32_to_bf16_bits, read_header, to_float32, write_file

@@ -7,9 +7,9 @@ import pytest
 
 import pmod
 from builders import hf_llama, random_tensors, tiny_config, write_checkpoint
-from pmod.cli import main
+from pmod.app.cli import main
 from pmod.errors import PmodError
-from pmod.generate import Sampler, SamplerArgs, generate_tokens
+from pmod.app.generate import Sampler, SamplerArgs, generate_tokens
 from tiny_tokenizer import write_tiny_tokenizer
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 from builders import random_tensors
 from hf_llava import load_hf_llava, make_clip_tower, make_hf_llava
 from official_checkpoint import make_official_checkpoint, tiny_official_config
-from pmod.cli import main
+from pmod.app.cli import main
 from pmod.convert import convert_checkpoint
-from pmod.session import open_session
+from pmod.app.session import open_session
 from reference import Reference
 
 QUESTION = "what colour is the circle ?"
@@ -111,9 +111,9 @@ def test_checkpoint_chat_template(tmp_path):
     import torch
     from transformers import AutoProcessor
 
-    from pmod.generate import Sampler, SamplerArgs
+    from pmod.app.generate import Sampler, SamplerArgs
     from pmod.prompt import Message
-    from pmod.session import Reply
+    from pmod.app.session import Reply
 
     src = make_hf_llava(tmp_path / "hf", kind="next", seed=2)
     dst = convert_checkpoint(src, tmp_path / "pmod", dtype="float32")

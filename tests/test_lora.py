@@ -15,14 +15,15 @@ from builders import random_tensors, tiny_config  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from reference import Reference  # noqa: E402
 
-from pmod.cli import main  # noqa: E402
+from pmod.app.cli import main  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
 from pmod.format import read_config, validate  # noqa: E402
 from pmod.lora_data import LoraSettings, TrainArgs, read_jsonl, resolve_args  # noqa: E402
 from pmod.tokenizer import load_tokenizer  # noqa: E402
 from pmod_mlx.loader import load  # noqa: E402
-from pmod_mlx.lora import (Trainer, adapter_weights, apply_lora, fuse_model, peak_memory_bytes,  # noqa: E402
-                           save_adapter)
+from pmod_mlx.lora.adapter import save_adapter  # noqa: E402
+from pmod_mlx.lora.layers import adapter_weights, apply_lora, fuse_model  # noqa: E402
+from pmod_mlx.lora.trainer import Trainer, peak_memory_bytes  # noqa: E402
 from pmod_mlx.model import Model  # noqa: E402
 from pmod_mlx.train import Example, collate, input_embeddings  # noqa: E402
 

@@ -80,7 +80,8 @@ def test_fail_is_the_default_and_names_the_first_bad_row(model, tmp_path):
         read_jsonl(path, tok, config, report=reported.append)
     first = min(expect)
     assert f"{path}:{first}: bad JSON" in str(e.value)
-    assert f"and {len(BAD) - 1} more" in str(e.value) and "--on-bad-row skip" in str(e.value)
+    assert f"and {len(BAD) - 1} more" in str(e.value) and "pass on_bad_row skip" in str(e.value)
+    assert "pass --on-bad-row skip" in e.value.worded()  # what the CLI prints
     assert len(reported) == len(BAD)  # all of them were listed before failing
     with pytest.raises(PmodError, match="on_bad_row"):
         read_jsonl(path, tok, config, on_bad_row="ignore")
@@ -163,7 +164,7 @@ def test_settings_parsing_and_resume_rules(tmp_path):
     assert parse_targets("q,v,gate_proj,self_attn.o_proj") == ["q", "v", "gate", "o"]
     with pytest.raises(PmodError, match="unknown target module 'qq'"):
         parse_targets("qq")
-    with pytest.raises(PmodError, match="--data is required"):
+    with pytest.raises(PmodError, match="^data is required"):
         resolve_args({"adapter_path": "x", "model": "m", "data": None}, resume=False)
     assert resolve_args({"adapter_path": "x", "model": "m", "data": "d", "rank": None}, False).rank == TrainArgs().rank
     with pytest.raises(PmodError, match="no adapter_config.json"):

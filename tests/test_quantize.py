@@ -21,11 +21,12 @@ pytest.importorskip("pmod_mlx")  # its fast BLAS loads before mlx.core
 import mlx.core as mx  # noqa: E402
 
 import pmod  # noqa: E402
-from pmod.cli import main  # noqa: E402
+from pmod.app.cli import main  # noqa: E402
 from pmod.convert import convert_checkpoint  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
 from pmod.format import load_numpy, validate  # noqa: E402
-from pmod.quantization import linear_shapes, mlx_ops  # noqa: E402
+from pmod.quantization import linear_shapes, need_ops  # noqa: E402
+from pmod_mlx import quantize as mlx_quant  # noqa: E402
 from pmod.safetensors_io import read_header, read_tensors, to_float32, write_file  # noqa: E402
 
 PROMPT = np.array([1, 5, 9, 17, 33, 40, 41, 60, 72, 3], np.int32)
@@ -38,8 +39,8 @@ def vlm(tmp_path_factory):
     config = vision_config()
     path = write_checkpoint(root, config, random_tensors(config, seed=2), dtype="float16", name="float")
     write_tiny_tokenizer(path, config.vocab_size)
-    q8 = convert_checkpoint(path, root / "q8", quantize=8, group_size=32)
-    q4 = convert_checkpoint(path, root / "q4", quantize=4, group_size=32)
+    q8 = convert_checkpoint(path, root / "q8", quantize=8, group_size=32, quant_ops=mlx_quant)
+    q4 = convert_checkpoint(path, root / "q4", quantize=4, group_size=32, quant_ops=mlx_quant)
     return path, q8, q4
 
 
@@ -84,7 +85,7 @@ def test_stored_tensors_are_mx_quantize(vlm):
 
 def test_group_size_that_does_not_divide_keeps_a_linear_float(vlm, tmp_path, capsys):
     path, _, _ = vlm
-    q = convert_checkpoint(path, tmp_path / "g64", quantize=4)  # default group size 64
+    q = convert_checkpoint(path, tmp_path / "g64", quantize=4, quant_ops=mlx_quant)  # default group size 64
     config, found = validate(q)
     # hidden 32 is not a multiple of 64: only the MLPs' down_proj (input 64) is quantized.
     assert config.quant.group_size == 64
@@ -245,26 +246,31 @@ def test_bad_quantize_flags_are_one_line(vlm, tmp_path, capsys):
     assert main(["convert", str(path), str(tmp_path / "out"), "--dequantize"]) == 2
     assert "is not quantized" in _error_line(capsys)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(PmodError, match="--quantize must be 4 or 8"):
-        convert_checkpoint(path, tmp_path / "out", quantize=2)
-    with pytest.raises(PmodError, match="--group-size must be 32, 64 or 128"):
-        convert_checkpoint(path, tmp_path / "out", quantize=4, group_size=16)
+    with pytest.raises(PmodError, match="^quantize must be 4 or 8"):
+        convert_checkpoint(path, tmp_path / "out", quantize=2, quant_ops=mlx_quant)
+    with pytest.raises(PmodError, match="^group_size must be 32, 64 or 128"):
+        convert_checkpoint(path, tmp_path / "out", quantize=4, group_size=16, quant_ops=mlx_quant)
 
 
 def test_missing_mlx_is_one_line(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pmod_mlx", None)
-    with pytest.raises(PmodError, match=r"pmod convert --quantize needs MLX .*pip install 'pmod\[mlx\]'"):
-        mlx_ops("pmod convert --quantize")
+    from pmod.app.registry import tool
+
+    monkeypatch.setitem(sys.modules, "mlx", None)  # MLX not installed: pmod_mlx.quantize cannot import
+    monkeypatch.delitem(sys.modules, "pmod_mlx.quantize")
+    with pytest.raises(PmodError, match=r"pmod convert --quantize needs the mlx extra .*pip install 'pmod\[mlx\]'"):
+        tool("quantization", "pmod convert --quantize")
+    with pytest.raises(PmodError, match=r"needs MLX's quantization arithmetic"):
+        need_ops(None, "pmod convert --quantize")
 
 
 # ----------------------------------------------------------------------------- QLoRA
 def test_lora_on_a_quantized_base_trains_and_fuses(tmp_path, capsys):
     from pmod_mlx.loader import load
-    from pmod_mlx.lora import Trainer
+    from pmod_mlx.lora.trainer import Trainer
     from pmod.lora_data import TrainArgs
 
     path = make_model(tmp_path, vision_config())
-    q = convert_checkpoint(path, tmp_path / "q8", quantize=8, group_size=32)
+    q = convert_checkpoint(path, tmp_path / "q8", quantize=8, group_size=32, quant_ops=mlx_quant)
     data = write_shapes_jsonl(tmp_path / "data", n=16, text_rows=2)
     out = tmp_path / "adapter"
     args = TrainArgs(model=str(q), data=str(data), adapter_path=str(out), iters=6, batch_size=4, warmup=1,

@@ -24,9 +24,11 @@ from builders import random_tensors, tiny_config, write_checkpoint  # noqa: E402
 from tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 from pmod.errors import PmodError  # noqa: E402
-from pmod.generate import Sampler, SamplerArgs  # noqa: E402
+from pmod.app.generate import Sampler, SamplerArgs  # noqa: E402
 from pmod.prompt import Message  # noqa: E402
-from pmod.server import make_server, parse_chat_request, Defaults, RequestError  # noqa: E402
+from pmod.app.serve import make_server  # noqa: E402
+from pmod.app.serve.errors import RequestError  # noqa: E402
+from pmod.app.serve.openai import Defaults, parse_chat_request  # noqa: E402
 
 QUESTION = "what colour is the circle ?"
 MAX_BODY = 256 * 1024
@@ -61,7 +63,7 @@ def server(text_model):
 
 def direct(httpd, messages, images=(), system=None, max_tokens=24, temp=0.0, top_p=1.0, seed=None, stop=None):
     """(text, stats) of Session.complete run directly on the server's session."""
-    from pmod.session import Reply
+    from pmod.app.session import Reply
 
     def run(session):
         reply = Reply()

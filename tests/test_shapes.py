@@ -1,4 +1,4 @@
-"""The synthetic shapes VQA task (pmod.shapes): determinism, answers checked against the
+"""The synthetic shapes VQA task (pmod.tasks.shapes): determinism, answers checked against the
 scene by an independent reading of each question, balance, pixels, tables and subsets."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import re
 import numpy as np
 import pytest
 
-from pmod import shapes
+from pmod.tasks import shapes
 from pmod.errors import PmodError
-from pmod.shapes import (COLOURS, EXTRA_COLOURS, EXTRA_QUESTION_TYPES, EXTRA_SHAPES, NUMBERS,
+from pmod.tasks.shapes import (COLOURS, EXTRA_COLOURS, EXTRA_QUESTION_TYPES, EXTRA_SHAPES, NUMBERS,
                          QUESTION_TYPES, SHAPES, Obj, Scene, ask, draw_scene, make_samples,
                          referent, render, sample_rng, vocabulary)
 

@@ -31,7 +31,7 @@ from builders import random_tensors, tiny_config, vision_inputs  # noqa: E402
 from reference import Reference  # noqa: E402
 
 import pmod  # noqa: E402
-from pmod.cli import main  # noqa: E402
+from pmod.app.cli import main  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
 from pmod.format import save_checkpoint  # noqa: E402
 from pmod.schedule import capacities, kept_count, layer_ratios  # noqa: E402

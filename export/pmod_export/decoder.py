@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pmod.config import PmodConfig
+from pmod.errors import PmodError
 from pmod.schedule import capacities, kept_count, layer_ratios
 from pmod.static.contract import layer_stages, stage_sizes, topk_stages
 
@@ -177,11 +178,11 @@ class Attention(nn.Module):
         super().__init__()
         H, D = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
-        bias = config.attention_bias
+        bias = config.qkv_bias
         self.q_proj = nn.Linear(H, self.n_heads * D, bias=bias)
         self.k_proj = nn.Linear(H, self.n_kv * D, bias=bias)
         self.v_proj = nn.Linear(H, self.n_kv * D, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * D, H, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=config.o_bias)
 
     def forward(self, x, cos, sin, pos, live, past_k, past_v, past_pos, target, blocked=False):
         """Attend slots ``x`` ``[1, S, H]`` over the past entries and themselves.
@@ -233,6 +234,19 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+#: Text family (``pmod.architectures``) -> the classes of its attention and MLP, each built from
+#: the config; the norms are RMSNorm and the MoD routing is the same for every family. A new
+#: family is a module that adds its entry here.
+FAMILIES: dict[str, tuple[type, type]] = {"llama": (Attention, MLP)}
+
+
+def decoder_parts(config: PmodConfig) -> tuple[type, type]:
+    if config.text_model_type not in FAMILIES:
+        raise PmodError(f"the torch runtime has no decoder for text model {config.text_model_type!r}: "
+                        f"it runs {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[config.text_model_type]
+
+
 class Router(nn.Linear):
     """The MoD router ``Linear(H, 1)``, computed in float32 whatever the model's dtype (the
     scores decide which tokens a layer keeps; in a float16 graph the MatMul stays float32)."""
@@ -243,12 +257,13 @@ class Router(nn.Linear):
 
 
 class DecoderLayer(nn.Module):
-    """A LLaMA layer; with a ``ratio`` it is a MoD layer and owns a router."""
+    """A decoder layer of the config's text family; with a ``ratio`` it is a MoD layer and owns a router."""
 
     def __init__(self, config: PmodConfig, ratio: float | None):
         super().__init__()
-        self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        attention, mlp = decoder_parts(config)
+        self.self_attn = attention(config)
+        self.mlp = mlp(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ratio = ratio

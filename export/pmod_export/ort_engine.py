@@ -154,5 +154,23 @@ class OrtEngine(StaticEngine):
     def _run_embed(self, ids: np.ndarray) -> np.ndarray:
         return self.sessions["embed"].run(None, {"input_ids": ids})[0]
 
+    def matmul_probe(self, n: int):
+        """A one-node MatMul graph on this engine's providers and device, inputs bound there."""
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        rng = np.random.default_rng(0)
+        a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+        spec = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC"]
+        graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul", spec[:2], spec[2:])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = min(model.ir_version, 8)  # what every ONNX Runtime pmod supports reads
+        sess = ort.InferenceSession(model.SerializeToString(), providers=self.sessions["decode"].get_providers())
+        binding = sess.io_binding()
+        for name, arr in (("A", a), ("B", b)):
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0))
+        binding.bind_output("C", self.device)
+        return lambda: sess.run_with_iobinding(binding)
+
     def _run_vision(self, pixels: np.ndarray, index: np.ndarray) -> np.ndarray:
         return self.sessions["vision"].run(None, {"pixel_values": pixels, "feature_index": index})[0]

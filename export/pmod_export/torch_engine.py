@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from . import torch_loader  # imports torch; before it, see there
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -31,6 +33,7 @@ _STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16
 class TorchEngine(StaticEngine):
     np_dtype = np.dtype(np.float32)  # the chunk plan's arrays; cast to the model dtype on the way in
     check_room = Engine.check_room  # the checkpoint's context, not an export's
+    profiles_layers = True
 
     def __init__(self, path, dtype: str | None = None, max_vision_tokens: int | None = None, dense: bool = False,
                  retention: float | None = None):
@@ -83,3 +86,49 @@ class TorchEngine(StaticEngine):
         with torch.inference_mode():
             out = encoder(torch.from_numpy(pixels).to(self.dtype), torch.from_numpy(image.feature_index()))
         return out.float().numpy()
+
+    # ------------------------------------------------------------------ the runtime
+    def runtime_info(self) -> dict:
+        dtype = str(self.dtype).rsplit(".", 1)[-1]  # torch.float32
+        return dict(device="cpu", dtype=dtype, kv_dtype=dtype, blas=None, kernels=None)
+
+    def matmul_probe(self, n: int):
+        rng = np.random.default_rng(0)
+        a, b = (torch.from_numpy(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+        return lambda: torch.mm(a, b)
+
+    @contextmanager
+    def profiled(self, timer):
+        """Forward hooks at the layers' module boundaries, removed on exit. Torch runs eagerly on
+        the CPU, so a hook sees finished work: ``timer.sync`` is left as it is, no arrays passed."""
+        lm, handles, entered = self.model.language_model, [], [None]
+
+        def enter(l):
+            entered[0] = l
+            timer.enter(l)
+
+        def start(l):  # a routing layer starts at its router
+            return lambda *_: enter(l)
+
+        def route(l):  # any other at its input norm, which ends a routing layer's route
+            def hook(*_):
+                if entered[0] != l:
+                    enter(l)
+                timer.mark("route")
+            return hook
+
+        def section(name):
+            return lambda *_: timer.mark(name)
+
+        try:
+            for l, layer in enumerate(lm.layers):
+                if layer.ratio is not None:
+                    handles.append(layer.router.register_forward_pre_hook(start(l)))
+                handles.append(layer.input_layernorm.register_forward_pre_hook(route(l)))
+                handles.append(layer.self_attn.register_forward_hook(section("attention")))
+                handles.append(layer.mlp.register_forward_hook(section("mlp")))
+            handles.append(lm.norm.register_forward_pre_hook(lambda *_: enter(None)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()

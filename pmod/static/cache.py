@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .contract import kv_names
+from pmod.static.contract import kv_names
 
 #: Alignment of every device address given to a graph (TensorRT: 256 bytes).
 ALIGN = 256

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import PmodConfig
-from ..errors import PmodError
-from ..schedule import capacities, layer_ratios
-from .contract import bucket_graph, keep_names, layer_stages, stage_sizes
+from pmod.config import PmodConfig
+from pmod.errors import PmodError
+from pmod.schedule import capacities, layer_ratios
+from pmod.static.contract import bucket_graph, keep_names, layer_stages, stage_sizes
 
 
 @dataclass

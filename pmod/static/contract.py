@@ -11,9 +11,9 @@ import math
 
 import numpy as np
 
-from ..config import PmodConfig
-from ..errors import PmodError
-from ..schedule import capacities, layer_ratios
+from pmod.config import PmodConfig
+from pmod.errors import BadSetting, PmodError
+from pmod.schedule import capacities, layer_ratios
 
 OPSET = 17
 EXPORT_DTYPES = ("float32", "float16")
@@ -80,14 +80,14 @@ def check_buckets(buckets, context: int) -> list[int]:
     try:
         sizes = [int(b) for b in buckets]
     except (TypeError, ValueError):
-        raise PmodError(f"--buckets takes increasing whole numbers separated by commas (e.g. 576,1152,2880) or "
-                        f"'geometric', got {buckets!r}") from None
+        raise BadSetting(f"{{buckets}} takes increasing whole numbers separated by commas (e.g. 576,1152,2880) or "
+                         f"'geometric', got {buckets!r}", "buckets") from None
     if not sizes or any(b < 1 for b in sizes) or any(a >= b for a, b in zip(sizes, sizes[1:])):
-        raise PmodError(f"--buckets must be strictly increasing whole numbers >= 1 (e.g. 576,1152,2880), "
-                        f"got {','.join(map(str, sizes))}")
+        raise BadSetting(f"{{buckets}} must be strictly increasing whole numbers >= 1 (e.g. 576,1152,2880), "
+                         f"got {','.join(map(str, sizes))}", "buckets")
     if sizes[-1] > context:
-        raise PmodError(f"the largest bucket {sizes[-1]} exceeds the context of {context} tokens; "
-                        "lower it or raise --max-context")
+        raise BadSetting(f"the largest bucket {sizes[-1]} exceeds the context of {context} tokens; "
+                         "lower it or raise {max_context}", "max_context")
     return sizes
 
 
@@ -103,8 +103,8 @@ def one_image_vision_tokens(config: PmodConfig) -> int:
     uncropped, is the largest, under the model's ``mod_target_token_type``; the plan and the
     routed mask are ``pmod.image``'s.
     """
-    from ..image import ImageInput, anyres_plan, grid_pinpoints, layout, pack_plan, patches_per_side
-    from ..image import tokens_per_tile as per_tile
+    from pmod.image import ImageInput, anyres_plan, grid_pinpoints, layout, pack_plan, patches_per_side
+    from pmod.image import tokens_per_tile as per_tile
 
     if config.vision_config is None or config.mm_projector_type is None:
         return 0

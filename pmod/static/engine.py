@@ -14,17 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine import Engine, _normalize_inputs
-from ..errors import PmodError
-from .chunk import Planner, Step
-from .manifest import Manifest
+from pmod.engine import Engine, _normalize_inputs
+from pmod.errors import PmodError
+from pmod.static.chunk import Planner, Step
+from pmod.static.manifest import Manifest
 
 
 class StaticEngine(Engine):
-    """Fields a backend sets up in ``__init__``: ``cache`` (a :class:`~pmod.static.cache.KVBuffers`)."""
+    """Fields a backend sets up in ``__init__``: ``cache`` (a :class:`~pmod.static.cache.KVBuffers`)
+    and, where its graphs do not run on the CPU, ``device``."""
 
     #: what follows "re-export with ..." in this backend's messages (TensorRT: " and rebuild the engines")
     redo = ""
+    #: where the graphs run ("cpu", "cuda")
+    device = "cpu"
 
     def _open(self, path, m: Manifest, dtype: str | None, retention: float | None, dense: bool) -> None:
         """The checks and settings every static engine shares (call before building buffers)."""
@@ -76,6 +79,11 @@ class StaticEngine(Engine):
     def reset(self) -> None:
         self.cache.reset()
         self._position = 0
+
+    def runtime_info(self) -> dict:
+        """The graphs' device and dtype (which the KV cache shares); no BLAS or kernels to report."""
+        dtype = self.np_dtype.name
+        return dict(device=self.device, dtype=dtype, kv_dtype=dtype, blas=None, kernels=None)
 
     # ------------------------------------------------------------------ running
     def prefill(self, input_ids=None, inputs_embeds=None, vision_mask=None) -> np.ndarray:

@@ -45,7 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import TOPK_LIMIT
+from pmod.static.contract import TOPK_LIMIT
 
 OPSET_RANGE = (9, 20)
 
@@ -246,8 +246,8 @@ def lint_path(path) -> list[Finding]:
     """Lint a ``.onnx`` file, or every graph of an export directory."""
     import onnx
 
-    from ..errors import PmodError
-    from .manifest import MANIFEST
+    from pmod.errors import PmodError
+    from pmod.static.manifest import MANIFEST
 
     path = Path(path)
     if path.is_dir():
@@ -273,8 +273,8 @@ def _refuse_ort_target(manifest: Path) -> None:
     """A ``--target ort`` export is for ONNX Runtime (fused contrib attention): say so in one line."""
     import json
 
-    from ..errors import PmodError
-    from .manifest import EXPORT_FORMAT
+    from pmod.errors import PmodError
+    from pmod.static.manifest import EXPORT_FORMAT
 
     try:
         d = json.loads(Path(manifest).read_text())

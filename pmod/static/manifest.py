@@ -15,10 +15,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import FORMAT_VERSION, PmodConfig
-from ..errors import PmodError
-from ..schedule import capacities, check_retention
-from .contract import TARGETS, bucket_graph
+from pmod.config import FORMAT_VERSION, PmodConfig
+from pmod.errors import PmodError
+from pmod.schedule import capacities, check_retention
+from pmod.static.contract import TARGETS, bucket_graph
 
 MANIFEST = "manifest.json"
 EXPORT_FORMAT, ENGINE_FORMAT = "pmod-onnx", "pmod-trt"

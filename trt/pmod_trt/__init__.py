@@ -13,3 +13,14 @@ loaded only when an engine is built or opened (:mod:`pmod_trt.deps`), and their 
 a one-line ``PmodError``. Depends on ``pmod`` only, never on ``pmod_export`` or ``pmod_mlx``.
 See docs/TENSORRT.md.
 """
+
+
+def runtime_info() -> dict:
+    """This runtime's library (``pmod info --system``): the ``tensorrt`` version (None: not
+    installed, or not loading). Any version is reported; opening an engine checks it."""
+    import importlib
+
+    try:
+        return dict(tensorrt=importlib.import_module("tensorrt").__version__)
+    except Exception:  # noqa: BLE001 - absent or broken (e.g. no CUDA libraries): reported as not installed
+        return dict(tensorrt=None)

@@ -88,6 +88,7 @@ class CudaKV(DeviceKV):
 
 class TrtEngine(StaticEngine):
     redo = " and rebuild the engines"
+    device = "cuda"
 
     def __init__(self, path, dtype: str | None = None, dense: bool = False, retention: float | None = None):
         trt = deps.tensorrt(_WHAT)
@@ -116,6 +117,9 @@ class TrtEngine(StaticEngine):
                             self.kv_capacity(), self._stream)
         self._scratch: dict[str, cuda.DeviceBuffer] = {}
         self._logits = np.empty((1, c.vocab_size), np.float32)
+
+    def matmul_probe(self, n: int):
+        return None  # TensorRT runs whole engines only; no single-matmul probe here
 
     # ------------------------------------------------------------------ running
     def _run_decoder(self, step: Step) -> np.ndarray:
