@@ -30,6 +30,65 @@ _WEIGHT_NORM_RE = re.compile(r"^(tanh|sigmoid|none)(?:_(\d+(?:\.\d+)?)_(-?\d+(?:
 TOKEN_TYPES = ("vision_hr", "vision", "vision_all", "all")
 
 
+#: The sizes a pmod checkpoint's ``vision_config`` must state (the rest take CLIP's defaults).
+VISION_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                "patch_size")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The CLIP vision tower: ``transformers.CLIPVisionConfig``'s keys, with its defaults."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    #: keys a runtime never uses, kept so that a checkpoint's config.json round-trips
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, v, where: str | None = None) -> "VisionConfig":
+        """A pmod checkpoint's ``vision_config`` (``where`` None), or, with ``where`` naming the
+        source in messages, a CLIP's own vision config: missing keys take CLIP's defaults, only
+        ``clip_vision_model`` is accepted, the geometry is checked, unknown keys are dropped."""
+        if not isinstance(v, dict):
+            what = where or "config key 'vision_config'"
+            raise PmodError(f"{what} must be a JSON object, got {type(v).__name__}")
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        if where is None:
+            for key in VISION_SIZES:
+                if not _positive_int(v.get(key)):
+                    raise PmodError(f"config key 'vision_config' lacks or mangles {key!r} (a positive integer, got "
+                                    f"{v.get(key)!r}); re-convert with --vision-tower")
+            extra = {k: x for k, x in v.items() if k not in names}
+            return cls(**{k: v[k] for k in names if v.get(k) is not None}, extra=extra)
+        kind = v.get("model_type", "clip_vision_model")
+        if kind != "clip_vision_model":
+            raise PmodError(f"{where} has model_type {kind!r}: pmod's vision tower is CLIP ('clip_vision_model')")
+        c = cls(**{k: v[k] for k in names if v.get(k) is not None}, extra={"model_type": "clip_vision_model"})
+        for key in VISION_SIZES + ("num_channels",):
+            if not _positive_int(getattr(c, key)):
+                raise PmodError(f"{where}: '{key}' must be a positive integer, got {getattr(c, key)!r}")
+        if c.image_size % c.patch_size:
+            raise PmodError(f"{where}: image_size {c.image_size} is not a multiple of patch_size "
+                            f"{c.patch_size}; LLaVA's CLIP towers use e.g. 336 / 14")
+        if c.hidden_size % c.num_attention_heads:
+            raise PmodError(f"{where}: num_attention_heads {c.num_attention_heads} does not divide "
+                            f"hidden_size {c.hidden_size}")
+        if not _positive(c.layer_norm_eps):
+            raise PmodError(f"{where}: 'layer_norm_eps' must be a positive number, got {c.layer_norm_eps!r}")
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **d}
+
+
 @dataclass
 class PmodConfig:
     # the text decoder (LLaMA key names); its family says which decoder runs it (pmod.architectures)
@@ -74,12 +133,15 @@ class PmodConfig:
     image_aspect_ratio: str = "square"
     image_grid_pinpoints: list | None = None
     max_num_patches: int | None = None
-    vision_config: dict | None = None
+    vision_config: VisionConfig | None = None  # a dict (config.json's) is read into one
     # MLX affine quantization of some linears (pmod.quantization); None: float weights.
     quantization: dict | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.vision_config, dict) or (
+                self.vision_config is not None and not isinstance(self.vision_config, VisionConfig)):
+            self.vision_config = VisionConfig.from_dict(self.vision_config)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -229,7 +291,9 @@ class PmodConfig:
         if d["rope_scaling"] is None:
             del d["rope_scaling"]  # transformers 5 warns about a null rope_scaling
         if d["quantization"] is None:
-            del d["quantization"]  # float checkpoints' config.json stays as before
+            del d["quantization"]
+        if d["vision_config"] is not None:
+            d["vision_config"] = d["vision_config"].to_dict()  # float checkpoints' config.json stays as before
         d["model_type"] = MODEL_TYPE
         d["pmod_format_version"] = FORMAT_VERSION
         return d
@@ -237,3 +301,7 @@ class PmodConfig:
 
 def _positive(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0

@@ -79,12 +79,7 @@ def vision_tensors(config: PmodConfig) -> dict[str, tuple[int, ...]]:
     v = config.vision_config
     if v is None:
         return {}
-    try:
-        D, I, L = int(v["hidden_size"]), int(v["intermediate_size"]), int(v["num_hidden_layers"])
-        size, patch = int(v["image_size"]), int(v["patch_size"])
-        channels = int(v.get("num_channels", 3))
-    except (KeyError, TypeError, ValueError) as e:
-        raise PmodError(f"config key 'vision_config' lacks or mangles {e}; re-convert with --vision-tower") from None
+    D, I, size, patch, channels = v.hidden_size, v.intermediate_size, v.image_size, v.patch_size, v.num_channels
     n_pos = (size // patch) ** 2 + 1
     p = "vision_tower."
     t = {
@@ -106,7 +101,7 @@ def vision_tensors(config: PmodConfig) -> dict[str, tuple[int, ...]]:
 
 def vision_layers_used(config: PmodConfig) -> int:
     """Encoder layers needed for hidden state ``mm_vision_select_layer`` (-2: all but the last)."""
-    L = int(config.vision_config["num_hidden_layers"])
+    L = config.vision_config.num_hidden_layers
     sel = config.mm_vision_select_layer
     # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
     n = sel if sel >= 0 else L + 1 + sel

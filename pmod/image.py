@@ -34,7 +34,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pmod.config import PmodConfig
+from pmod.config import PmodConfig, VisionConfig
 from pmod.errors import PmodError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -175,7 +175,7 @@ class ImageProcessorConfig:
     do_pad: bool = False
 
     @classmethod
-    def from_vision_config(cls, vision_config: dict | None) -> "ImageProcessorConfig":
+    def from_vision_config(cls, vision_config: VisionConfig | None) -> "ImageProcessorConfig":
         """CLIP defaults at the tower's ``image_size`` (openai/clip-vit-large-patch14-336 at 336)."""
         s = _image_size(vision_config)
         return cls(size=s, crop_size=(s, s))
@@ -494,9 +494,8 @@ def layout(config: PmodConfig) -> str:
 
 def patches_per_side(config: PmodConfig) -> int:
     """``P = image_size // patch_size`` of the vision tower (24 for CLIP ViT-L/14 at 336)."""
-    v = config.vision_config
-    size = _image_size(v)
-    patch = _positive_int(v.get("patch_size"), "vision_config.patch_size")
+    size = _image_size(config.vision_config)
+    patch = config.vision_config.patch_size
     if size % patch:
         raise PmodError(f"config key 'vision_config.image_size' ({size}) must be a multiple of 'patch_size' ({patch})")
     return size // patch
@@ -572,10 +571,10 @@ def preprocess(image: ImageSource, config: PmodConfig, processor: ImageProcessor
                       base_tokens=base, tokens_per_tile=tokens_per_tile(config))
 
 
-def _image_size(vision_config: dict | None) -> int:
-    if not vision_config:
+def _image_size(vision_config: VisionConfig | None) -> int:
+    if vision_config is None:
         raise PmodError("config has no 'vision_config': this model takes no images")
-    return _positive_int(vision_config.get("image_size"), "vision_config.image_size")
+    return vision_config.image_size
 
 
 def _check_wh(wh) -> None:

@@ -31,7 +31,7 @@ def random_weights(config: PmodConfig, seed: int = 0, std: float | None = None) 
     for name, shape in expected_tensors(config).items():
         leaf = name.rsplit(".", 1)[-1]
         vision = name.startswith("vision_tower.")
-        layers = (config.vision_config or {}).get("num_hidden_layers", 0) if vision else config.num_hidden_layers
+        layers = config.vision_config.num_hidden_layers if vision else config.num_hidden_layers
         if ".router." in name or leaf == "bias":
             a = np.zeros(shape)
         elif "norm" in name and leaf == "weight":

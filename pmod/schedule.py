@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from pmod.config import _DECAY_RE, PmodConfig
-from pmod.errors import BadSetting, PmodError
+from pmod.errors import BadSetting
 
 
 def check_retention(retention) -> float:

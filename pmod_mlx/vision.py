@@ -137,7 +137,7 @@ class VisionTower(nn.Module):
         v = config.vision_config
         if v is None:
             raise PmodError("config has no 'vision_config': this model has no vision tower")
-        act = v.get("hidden_act", "quick_gelu")
+        act = v.hidden_act
         if act not in ACTIVATIONS:
             raise PmodError(
                 f"vision_config key 'hidden_act' has unsupported value {act!r}: "
@@ -147,14 +147,13 @@ class VisionTower(nn.Module):
                 f"config key 'mm_vision_select_feature' has unknown value {config.mm_vision_select_feature!r}: "
                 f"expected one of {', '.join(SELECT_FEATURES)}")
         self.select_feature = config.mm_vision_select_feature
-        D = int(v["hidden_size"])
-        self.image_size, self.channels = int(v["image_size"]), int(v.get("num_channels", 3))
-        eps = float(v.get("layer_norm_eps", 1e-5))
-        self.embeddings = VisionEmbeddings(D, self.channels, self.image_size, int(v["patch_size"]))
+        D, eps = v.hidden_size, float(v.layer_norm_eps)
+        self.image_size, self.channels = v.image_size, v.num_channels
+        self.embeddings = VisionEmbeddings(D, self.channels, self.image_size, v.patch_size)
         self.pre_layrnorm = nn.LayerNorm(D, eps=eps)
         self.encoder = Encoder(
-            vision_layers_used(config), dims=D, hidden_dims=int(v["intermediate_size"]),
-            num_heads=int(v["num_attention_heads"]), eps=eps, activation=ACTIVATIONS[act])
+            vision_layers_used(config), dims=D, hidden_dims=v.intermediate_size,
+            num_heads=v.num_attention_heads, eps=eps, activation=ACTIVATIONS[act])
 
     def __call__(self, pixel_values) -> mx.array:
         x = pixel_values if isinstance(pixel_values, mx.array) else mx.array(np.asarray(pixel_values))

@@ -16,18 +16,31 @@ import pytest
 
 
 class _Without(importlib.abc.MetaPathFinder):
-    def __init__(self, names):
-        self.names = set(names)
+    """Wraps one finder of ``sys.meta_path`` so that it finds nothing for the named packages.
+
+    Every finder answers None for them, as on a machine without them: ``import`` raises
+    ModuleNotFoundError and ``importlib.util.find_spec`` returns None (which libraries such as
+    transformers use to probe for optional packages, and which must not raise)."""
+
+    def __init__(self, finder, names):
+        self.finder, self.names = finder, names
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname.split(".")[0] in self.names:
-            raise ModuleNotFoundError(f"No module named {fullname!r} (PMOD_TEST_WITHOUT)", name=fullname)
-        return None
+            return None
+        find = getattr(self.finder, "find_spec", None)
+        return find(fullname, path, target) if find else None
+
+    def __getattr__(self, name):  # invalidate_caches, find_distributions, ...
+        return getattr(self.finder, name)
 
 
-_WITHOUT = [n for n in os.environ.get("PMOD_TEST_WITHOUT", "").split(",") if n]
+_WITHOUT = {n for n in os.environ.get("PMOD_TEST_WITHOUT", "").split(",") if n}
 if _WITHOUT:
-    sys.meta_path.insert(0, _Without(_WITHOUT))
+    _loaded = sorted(n for n in sys.modules if n.split(".")[0] in _WITHOUT)
+    if _loaded:
+        raise RuntimeError(f"PMOD_TEST_WITHOUT: already imported before conftest: {_loaded}")
+    sys.meta_path[:] = [_Without(f, _WITHOUT) for f in sys.meta_path]
 
 try:  # torch first: its MKL must bind its own BLAS symbols before OpenBLAS is loaded globally
     import torch  # noqa: F401

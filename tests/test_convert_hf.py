@@ -101,7 +101,7 @@ def test_llava15_round_trip(tmp_path, key_style, capsys):
     assert config.mod_target_layers is None and mod_layers(config) == []
     assert layer_ratios(config) == [None, None]
     assert not any(".router." in n for n in got)
-    assert config.vision_config == VISION_CONFIG
+    assert config.vision_config.to_dict() == VISION_CONFIG
     assert (config.mm_projector_type, config.mm_hidden_size) == ("mlp2x_gelu", 24)
     assert (config.mm_vision_select_layer, config.mm_vision_select_feature) == (-2, "patch")
     assert (config.image_aspect_ratio, config.mm_patch_merge_type) == ("pad", "flat")  # LlavaImageProcessor do_pad
@@ -132,7 +132,7 @@ def test_llava_next_round_trip_sharded_float16(tmp_path):
     # transformers' [height, width] pinpoints become the official [width, height], in order
     assert NEXT_PINPOINTS == [[28, 56], [56, 56], [84, 28]]
     assert config.image_grid_pinpoints == [[56, 28], [56, 56], [28, 84]]
-    assert config.vision_config == VISION_CONFIG
+    assert config.vision_config.to_dict() == VISION_CONFIG
     for f in COPIED:
         assert (dst / f).read_bytes() == (src / f).read_bytes(), f
 
@@ -205,7 +205,7 @@ def test_hub_style_partial_configs(tmp_path):
     assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
             c.num_key_value_heads, c.head_dim) == (32064, 4096, 11008, 32, 32, 32, 128)
     assert (c.max_position_embeddings, c.rms_norm_eps, c.rope_theta, c.pad_token_id) == (4096, 1e-5, 10000.0, 32001)
-    assert c.vision_config == {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+    assert c.vision_config.to_dict() == {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
                                "num_hidden_layers": 24, "num_attention_heads": 16, "num_channels": 3,
                                "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu",
                                "layer_norm_eps": 1e-5}
@@ -214,7 +214,7 @@ def test_hub_style_partial_configs(tmp_path):
     (tmp_path / "preprocessor_config.json").unlink()
     d = {k: v for k, v in d.items() if k != "vision_config"}
     c = hf_llava_config({**d, "model_type": "llava_next"}, tmp_path)
-    assert c.vision_config["image_size"] == 336 and c.vision_config["num_hidden_layers"] == 24
+    assert c.vision_config.image_size == 336 and c.vision_config.num_hidden_layers == 24
     assert c.image_grid_pinpoints == [[672, 336], [336, 672], [672, 672], [336, 1008], [1008, 336]]
     assert (c.image_aspect_ratio, c.mm_patch_merge_type) == ("anyres", "spatial_unpad")
 
@@ -353,7 +353,7 @@ def test_official_with_vision_tower(tmp_path, capsys, tower):
     assert "warning" not in capsys.readouterr().err
     config, got = load_numpy(dst)
     assert_same(got, {**tensors, **clip_to_pmod(clip_vision_state(clip), vision_layers=2)})
-    assert config.vision_config == VISION_CONFIG
+    assert config.vision_config.to_dict() == VISION_CONFIG
     assert config.to_dict() == {**plain.to_dict(), "vision_config": VISION_CONFIG}
     assert mod_layers(config) == [2, 3, 4, 5]
     # the official code preprocesses with the tower's image processor: it comes along
@@ -370,7 +370,7 @@ def test_official_tower_in_checkpoint_wins(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().err
     config, got = load_numpy(dst)
     assert_same(got, {**tensors, **clip_to_pmod(own, vision_layers=2)})
-    assert config.vision_config == VISION_CONFIG
+    assert config.vision_config.to_dict() == VISION_CONFIG
     assert not (dst / "preprocessor_config.json").exists()  # the CLIP dir has none
     # without --vision-tower the tower has no config: dropped, with a warning
     dst = convert_checkpoint(src, tmp_path / "dropped", dtype="float32")
@@ -400,7 +400,7 @@ def test_unused_tower_layers_may_be_absent(tmp_path):
     save_file(state, str(clip / "model.safetensors"))
     src, _ = _official(tmp_path)
     config, got = load_numpy(convert_checkpoint(src, tmp_path / "dst", vision_tower=clip))
-    assert config.vision_config["num_hidden_layers"] == 3 and "vision_tower.encoder.layers.1.mlp.fc2.bias" in got
+    assert config.vision_config.num_hidden_layers == 3 and "vision_tower.encoder.layers.1.mlp.fc2.bias" in got
 
 
 def _mismatch_hidden(tmp_path):
@@ -524,7 +524,7 @@ def test_cli_vision_tower(tmp_path, capsys):
     src, tensors = _official(tmp_path)
     capsys.readouterr()
     assert main(["convert", str(src), str(tmp_path / "out"), "--vision-tower", str(clip), "--dtype", "float32"]) == 0
-    assert load_numpy(tmp_path / "out")[0].vision_config == VISION_CONFIG
+    assert load_numpy(tmp_path / "out")[0].vision_config.to_dict() == VISION_CONFIG
     (clip / "model.safetensors").write_bytes(b"\x08")
     capsys.readouterr()
     assert main(["convert", str(src), str(tmp_path / "bad"), "--vision-tower", str(clip)]) == 2

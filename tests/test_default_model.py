@@ -38,7 +38,7 @@ def test_shipped_checkpoint_validates_and_is_small():
     assert {dt for _, dt in found.values()} == {"F16"}
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.iterdir())
     assert size <= 25 * 1024 * 1024
-    assert (config.vision_config["image_size"] // config.vision_config["patch_size"]) ** 2 >= 144
+    assert (config.vision_config.image_size // config.vision_config.patch_size) ** 2 >= 144
 
 
 @shipped
@@ -97,7 +97,7 @@ def test_short_training_run_lowers_the_loss(tmp_path):
         assert len(losses) == n and np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
     config, _ = validate(out)
     engine = pmod.open_engine(out, dtype="float32")
-    assert engine.config.vision_config["image_size"] == 96
+    assert engine.config.vision_config.image_size == 96
     assert train(["--out", str(out), "--steps", "1"]) == 2  # refuses to overwrite
 
 

@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from builders import tiny_config  # noqa: E402
+from pmod.config import VisionConfig  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
 from pmod.image import (CLIP_MEAN, ImageProcessorConfig, anyres_grid, anyres_pixels,  # noqa: E402
                         anyres_plan, clip_pixels, load_image, num_image_tokens, pack_plan,
@@ -36,7 +37,9 @@ PINS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # p-MoD /
 PINS_9 = [[336 * a, 336 * b] for a, b in [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3], [3, 2], [2, 3],
                                           [3, 3], [2, 4], [4, 2]]]  # p-MoD max_num_sub_images=9
 PINS_1X1 = [[336, 336], [336, 672], [672, 336], [1008, 672]]  # a 1x1 grid: one hr tile
-VISION = {"image_size": 336, "patch_size": 14}
+#: a CLIP ViT-L/14 at 336 (only image_size and patch_size matter to the packing)
+VISION = {"image_size": 336, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
+          "num_hidden_layers": 24, "num_attention_heads": 16}
 P = 24
 # (width, height): square, landscape, portrait, wide, tall, tiny, tiny square, odd, huge, 1x1
 SIZES = [(336, 336), (500, 375), (375, 500), (1000, 200), (60, 1500), (13, 77), (200, 200),
@@ -128,7 +131,7 @@ def test_processor_config_from_json(tmp_path):
                "image_grid_pinpoints": PINS, "rescale_factor": 0.00392156862745098}
     proc = ImageProcessorConfig.from_dict(next_hf)
     assert not proc.do_pad  # LlavaNext's do_pad pads a batch's tile counts, not the image
-    assert ImageProcessorConfig.from_vision_config({"image_size": 224, "patch_size": 14}).crop_size == (224, 224)
+    assert ImageProcessorConfig.from_vision_config(VisionConfig.from_dict({**VISION, "image_size": 224})).crop_size == (224, 224)
     # a non-default processor is honoured: exact (h, w) resize, other mean/std, no crop
     d = {"size": {"height": 200, "width": 300}, "do_center_crop": False, "image_mean": [0.5] * 3,
          "image_std": [0.5] * 3, "resample": 2}
@@ -282,7 +285,7 @@ def test_flat_plans():
     assert np.array_equal(pack_plan((640, 480), _config(image_aspect_ratio="pad")), np.arange(P * P))
     cls = _config(image_aspect_ratio="square", mm_vision_select_feature="cls_patch")
     assert num_image_tokens((10, 10), cls) == P * P + 1
-    assert num_image_tokens((10, 10), _config(image_aspect_ratio="pad", vision_config={"image_size": 28,
+    assert num_image_tokens((10, 10), _config(image_aspect_ratio="pad", vision_config={**VISION, "image_size": 28,
                                                                                       "patch_size": 14})) == 4
 
 
@@ -295,7 +298,7 @@ def test_flat_plans():
     (dict(image_grid_pinpoints=[[336, 600]]), "image_grid_pinpoints"),
     (dict(image_grid_pinpoints=None), "image_grid_pinpoints"),
     (dict(vision_config=None), "vision_config"),
-    (dict(vision_config={"image_size": 336}), "patch_size"),
+    (dict(vision_config={k: v for k, v in VISION.items() if k != "patch_size"}), "patch_size"),
 ])
 def test_unsupported_configs_name_the_key(kw, key):
     with pytest.raises(PmodError, match=key) as e:

@@ -103,7 +103,7 @@ class VisionTower(nn.Module):
     def __init__(self, config: PmodConfig):
         super().__init__()
         v = config.vision_config
-        act = v.get("hidden_act", "quick_gelu")
+        act = v.hidden_act
         if act not in ACTIVATIONS:
             raise PmodError(f"vision_config key 'hidden_act' has unsupported value {act!r}: "
                             f"expected one of {', '.join(ACTIVATIONS)}")
@@ -112,12 +112,12 @@ class VisionTower(nn.Module):
                 f"config key 'mm_vision_select_feature' has unknown value {config.mm_vision_select_feature!r}: "
                 f"expected one of {', '.join(SELECT_FEATURES)}")
         self.select_feature = config.mm_vision_select_feature
-        D, eps = int(v["hidden_size"]), float(v.get("layer_norm_eps", 1e-5))
-        self.image_size, self.channels = int(v["image_size"]), int(v.get("num_channels", 3))
-        self.embeddings = Embeddings(D, self.channels, self.image_size, int(v["patch_size"]))
+        D, eps = v.hidden_size, float(v.layer_norm_eps)
+        self.image_size, self.channels = v.image_size, v.num_channels
+        self.embeddings = Embeddings(D, self.channels, self.image_size, v.patch_size)
         self.pre_layrnorm = nn.LayerNorm(D, eps=eps)
-        self.encoder = Encoder(vision_layers_used(config), dims=D, hidden=int(v["intermediate_size"]),
-                               heads=int(v["num_attention_heads"]), eps=eps, act=ACTIVATIONS[act])
+        self.encoder = Encoder(vision_layers_used(config), dims=D, hidden=v.intermediate_size,
+                               heads=v.num_attention_heads, eps=eps, act=ACTIVATIONS[act])
 
     def forward(self, pixels):
         h = self.pre_layrnorm(self.embeddings(pixels))

@@ -41,9 +41,9 @@ def checked_tensors(mapped: dict[str, SourceTensor], config: PmodConfig, src, so
                 v = config.vision_config
                 raise PmodError(
                     f"tensor '{t.name}' in {t.file} has shape {t.shape}, expected {expected[new]} from the "
-                    f"vision config (hidden_size {v.get('hidden_size')}, intermediate_size "
-                    f"{v.get('intermediate_size')}, image_size {v.get('image_size')}, patch_size "
-                    f"{v.get('patch_size')}); the vision tower's weights and config do not match")
+                    f"vision config (hidden_size {v.hidden_size}, intermediate_size {v.intermediate_size}, "
+                    f"image_size {v.image_size}, patch_size {v.patch_size}); the vision tower's weights and "
+                    "config do not match")
             raise PmodError(f"tensor '{t.name}' in {t.file.name} has shape {t.shape}, expected "
                             f"{expected[new]} from config.json; is this the right config.json?")
         if t.dtype not in FLOAT_SOURCE_DTYPES:

@@ -12,47 +12,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pmod.config import PmodConfig
+from pmod.config import PmodConfig, VisionConfig
 from pmod.convert.sources import SourceTensor, processor_source, read_json_object, read_source_tensors
 from pmod.errors import PmodError
 from pmod.format import vision_layers_used
 
-#: transformers' CLIPVisionConfig defaults (a key absent from a config.json takes these); a pmod
-#: ``vision_config`` holds exactly these keys plus ``model_type``.
-CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                            num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
-                            hidden_act="quick_gelu", layer_norm_eps=1e-5)
 #: A CLIP vision tensor name inside the tower (after any ``vision_model.`` prefix).
 _CLIP_PART_RE = re.compile(r"^(?:embeddings|encoder|pre_layrnorm|post_layernorm)\.")
-
-
-def clip_vision_config(v: dict, where: str) -> dict:
-    """A complete pmod ``vision_config`` from a CLIP vision config dict (defaults filled in).
-
-    ``where`` names the source in messages. Only CLIP (``clip_vision_model``) is accepted.
-    """
-    if not isinstance(v, dict):
-        raise PmodError(f"{where} must be a JSON object, got {type(v).__name__}")
-    kind = v.get("model_type", "clip_vision_model")
-    if kind != "clip_vision_model":
-        raise PmodError(f"{where} has model_type {kind!r}: pmod's vision tower is CLIP ('clip_vision_model')")
-    out = {"model_type": "clip_vision_model"}
-    for key, default in CLIP_VISION_DEFAULTS.items():
-        out[key] = default if v.get(key) is None else v[key]
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_channels", "image_size", "patch_size"):
-        x = out[key]
-        if not isinstance(x, int) or isinstance(x, bool) or x <= 0:
-            raise PmodError(f"{where}: '{key}' must be a positive integer, got {x!r}")
-    if out["image_size"] % out["patch_size"]:
-        raise PmodError(f"{where}: image_size {out['image_size']} is not a multiple of patch_size "
-                        f"{out['patch_size']}; LLaVA's CLIP towers use e.g. 336 / 14")
-    if out["hidden_size"] % out["num_attention_heads"]:
-        raise PmodError(f"{where}: num_attention_heads {out['num_attention_heads']} does not divide "
-                        f"hidden_size {out['hidden_size']}")
-    if not isinstance(out["layer_norm_eps"], (int, float)) or out["layer_norm_eps"] <= 0:
-        raise PmodError(f"{where}: 'layer_norm_eps' must be a positive number, got {out['layer_norm_eps']!r}")
-    return out
 
 
 def is_clip_tensor(rest: str) -> bool:
@@ -83,10 +49,10 @@ def check_tower_fits(config: PmodConfig, tower: str, cfg: str, shown_pins=None) 
     except PmodError:
         raise PmodError(
             f"{cfg} has mm_vision_select_layer = {config.mm_vision_select_layer} but {tower} has only "
-            f"{v['num_hidden_layers']} layers: is this the right tower?") from None
+            f"{v.num_hidden_layers} layers: is this the right tower?") from None
     pins = config.image_grid_pinpoints
     if (config.image_aspect_ratio or "").startswith("anyres") and isinstance(pins, list):
-        size = v["image_size"]
+        size = v.image_size
         bad = [p for p in pins if not (isinstance(p, (list, tuple)) and all(
             isinstance(x, int) and x > 0 and x % size == 0 for x in p))]
         if bad:
@@ -103,7 +69,7 @@ class ClipTower:
     its weights (headers only, memory-mapped) when asked."""
 
     path: Path
-    vision_config: dict
+    vision_config: VisionConfig
 
     def tensors(self) -> dict[str, SourceTensor]:
         """The tower's tensors by ``CLIPVisionModel`` name without ``vision_model.``."""
@@ -141,9 +107,9 @@ def read_clip_tower(path) -> ClipTower:
     kind = d.get("model_type")
     if kind == "clip":  # a full CLIPModel: the tower's keys are nested (old configs: *_dict too)
         v = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {})}
-        return ClipTower(path, clip_vision_config({**v, "model_type": "clip_vision_model"}, f"{cfg} vision_config"))
+        return ClipTower(path, VisionConfig.from_dict({**v, "model_type": "clip_vision_model"}, f"{cfg} vision_config"))
     if kind == "clip_vision_model":
-        return ClipTower(path, clip_vision_config(d, str(cfg)))
+        return ClipTower(path, VisionConfig.from_dict(d, str(cfg)))
     what = f"model_type {kind!r}" if "model_type" in d else "no 'model_type'"
     raise PmodError(f"vision tower {cfg} has {what}: --vision-tower takes a CLIP tower "
                     "(a CLIPVisionModel or CLIPModel directory, model_type 'clip_vision_model' or 'clip')")

@@ -18,7 +18,8 @@ from typing import Callable
 
 from pmod.config import PmodConfig
 from pmod.convert.check import checked_tensors
-from pmod.convert.clip import check_tower_fits, clip_vision_config, is_clip_tensor, tower_tensor_name
+from pmod.config import VisionConfig
+from pmod.convert.clip import check_tower_fits, is_clip_tensor, tower_tensor_name
 from pmod.convert.sources import SourceTensor, read_image_processor
 from pmod.convert.text_names import TextTensor, read_text_tensor, recomputed_buffer, text_names
 from pmod.errors import PmodError
@@ -65,8 +66,8 @@ def hf_llava_config(d: dict, src: Path) -> PmodConfig:
             t[key] = d[key]
     vraw = d.get("vision_config")
     where = f"{path} vision_config"
-    vision = clip_vision_config({**LLAVA_VISION_DEFAULT, "model_type": "clip_vision_model"} if vraw is None
-                                else vraw, where)
+    vision = VisionConfig.from_dict({**LLAVA_VISION_DEFAULT, "model_type": "clip_vision_model"} if vraw is None
+                                    else vraw, where)
 
     layer = d.get("vision_feature_layer", -2)
     if isinstance(layer, (list, tuple)):
@@ -115,7 +116,7 @@ def hf_llava_config(d: dict, src: Path) -> PmodConfig:
     cfg = {
         **t, **mm,
         "mod_target_layers": None, "mod_decay_span": None,
-        "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": vision["hidden_size"],
+        "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": vision.hidden_size,
         "mm_vision_select_layer": layer, "mm_vision_select_feature": _SELECT_STRATEGY[strategy],
         "mm_vision_tower": None, "vision_config": vision,
         "mm_use_im_start_end": False,
@@ -128,7 +129,7 @@ def hf_llava_config(d: dict, src: Path) -> PmodConfig:
         vision_layers_used(config)
     except PmodError:
         raise PmodError(f"{path} has vision_feature_layer = {layer} but its vision tower has "
-                        f"{vision['num_hidden_layers']} layers") from None
+                        f"{vision.num_hidden_layers} layers") from None
     if model_type == "llava_next":
         check_tower_fits(config, "its vision_config", str(path), shown_pins=pins)
     return config

@@ -198,12 +198,12 @@ def attach_vision_tower(config: PmodConfig, source: dict[str, SourceTensor], src
                         f"--vision-tower {clip.path} has no use; drop it")
     v = clip.vision_config
     cfg = f"{src / 'config.json'}"
-    if v["hidden_size"] != config.mm_hidden_size:
+    if v.hidden_size != config.mm_hidden_size:
         raise PmodError(
-            f"vision tower {clip.path} has hidden_size {v['hidden_size']} but {cfg} has mm_hidden_size "
+            f"vision tower {clip.path} has hidden_size {v.hidden_size} but {cfg} has mm_hidden_size "
             f"{config.mm_hidden_size} (the projector's input width): pass the CLIP tower the checkpoint "
             f"was trained with" + (f" ({config.mm_vision_tower})" if config.mm_vision_tower else ""))
-    config = dataclasses.replace(config, vision_config=dict(v))
+    config = dataclasses.replace(config, vision_config=v)
     check_tower_fits(config, f"vision tower {clip.path}", cfg)
     needed = set(vision_tensors(config))
     own = {vision_tower_name(n, config) for n in tower} - {None}

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from pmod.config import PmodConfig
-from pmod.errors import BadSetting, PmodError
+from pmod.errors import BadSetting
 from pmod.schedule import capacities, layer_ratios
 
 OPSET = 17
@@ -108,7 +108,7 @@ def one_image_vision_tokens(config: PmodConfig) -> int:
 
     if config.vision_config is None or config.mm_projector_type is None:
         return 0
-    tile, P = int(config.vision_config["image_size"]), patches_per_side(config)
+    tile, P = config.vision_config.image_size, patches_per_side(config)
     if layout(config) == "anyres":
         cases = [((w, h), (w // tile, h // tile), anyres_plan((w, h), (w // tile, h // tile), P), P * P)
                  for w, h in grid_pinpoints(config)]

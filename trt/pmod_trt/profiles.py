@@ -98,7 +98,7 @@ def vision_limits(config) -> tuple[int, int]:
     """
     from pmod.image import anyres_plan, layout, pack_plan, patches_per_side, grid_pinpoints
 
-    tile = int(config.vision_config["image_size"])
+    tile = config.vision_config.image_size
     if layout(config) != "anyres":
         return 1, int(pack_plan((tile, tile), config).shape[0])
     P = patches_per_side(config)

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     config = results["p-MoD"].pop("config")
     for r in results.values():
         r.pop("config", None)
-    n_vision = (config.vision_config["image_size"] // config.vision_config["patch_size"]) ** 2
+    n_vision = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     n_text = round(results["p-MoD"]["prompt_tokens"]) - n_vision
     rep = report(config, n_vision, n_text)
 
