@@ -71,3 +71,11 @@ def family_of(d: dict) -> str | None:
             if model_type.startswith(prefix) and model_type != "llava_next":
                 return model_type[len(prefix):]  # e.g. llava_qwen -> qwen: refused unless registered
     return None
+
+
+def runtime_entry(table: dict, config: "PmodConfig", runtime: str):
+    """A runtime's ``FAMILIES`` entry for the config's family, or a one-line error naming what it runs."""
+    if config.text_model_type not in table:
+        raise PmodError(f"the {runtime} runtime has no decoder for text model {config.text_model_type!r}: "
+                        f"it runs {', '.join(sorted(table))}")
+    return table[config.text_model_type]

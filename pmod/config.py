@@ -9,7 +9,6 @@ honour is an error that names the key.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pmod.architectures import family, family_of
 from pmod.errors import PmodError
+from pmod.jsonfile import read_json_object
 
 if TYPE_CHECKING:
     from pmod.quantization import Quantization
@@ -276,15 +276,7 @@ class PmodConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PmodError(f"{path} not found: is this a model directory?") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PmodError(f"{path} is not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise PmodError(f"{path} must hold a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(read_json_object(path, missing="not found: is this a model directory?"))
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

@@ -26,3 +26,11 @@ class BadSetting(PmodError):
 
     def worded(self, spell=lambda name: "--" + name.replace("_", "-")) -> str:
         return re.sub(r"\{(\w+)\}", lambda m: spell(m[1]) if m[1] in self.settings else m[0], self.template)
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's message cut to its first line (at most ``limit`` characters), for quoting
+    a library's error inside a one-line message; its type name when it has no message."""
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[:limit] + "..."

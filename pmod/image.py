@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import io
-import json
 import math
 import os
 import warnings
@@ -36,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pmod.config import PmodConfig, VisionConfig
 from pmod.errors import PmodError
+from pmod.jsonfile import read_json_object
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -204,15 +204,8 @@ class ImageProcessorConfig:
         path = Path(path)
         if path.is_dir():
             path = path / PREPROCESSOR_FILE
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PmodError(f"{path} not found: pass a preprocessor_config.json or a model directory") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PmodError(f"{path} is not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise PmodError(f"{path} must hold a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(read_json_object(
+            path, missing="not found: pass a preprocessor_config.json or a model directory"))
 
     @classmethod
     def for_model(cls, config: PmodConfig, directory: str | os.PathLike | None = None) -> "ImageProcessorConfig":

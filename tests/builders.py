@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pmod.config import PmodConfig
 from pmod.format import expected_tensors, save_checkpoint
@@ -31,6 +34,17 @@ TINY = dict(
 def tiny_config(**overrides) -> PmodConfig:
     """A 6-layer, hidden-32 p-MoD config (MoD layers 2..5 with the default schedule)."""
     return PmodConfig(**{**TINY, **overrides})
+
+
+#: Dense (MoD off) ``tiny_config`` overrides checked against transformers' LLaMA.
+DENSE_VARIANTS = {
+    "gqa": {},
+    "mha": dict(num_key_value_heads=4),
+    "biases": dict(attention_bias=True, mlp_bias=True),
+    "tied": dict(tie_word_embeddings=True),
+    "rope_linear": dict(rope_scaling={"type": "linear", "factor": 2.0}),
+    "head_dim_theta": dict(head_dim=16, num_attention_heads=2, num_key_value_heads=1, rope_theta=500000.0),
+}
 
 
 def random_tensors(config: PmodConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -75,13 +89,51 @@ def write_checkpoint(tmp_path, config: PmodConfig, tensors: dict, dtype: str = "
     return save_checkpoint(dst, config, tensors, dtype=dtype)
 
 
+def tiny_next(max_position_embeddings: int, vision_layers: int = 3) -> dict:
+    """``tiny_config`` overrides of a tiny LLaVA-NeXT p-MoD: a 28 px CLIP tower (2 x 2 patches
+    of 14) of ``vision_layers`` layers, the LLaVA projector, anyres on a 1x2 / 2x1 / 2x2 grid."""
+    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=vision_layers, num_attention_heads=4,
+                  image_size=28, patch_size=14, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+    return dict(vision_config=vision, mm_projector_type="mlp2x_gelu", mm_hidden_size=24,
+                mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
+                image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], max_position_embeddings=max_position_embeddings)
+
+
+def tiny_checkpoint(tmp_path, seed: int = 0, tokenizer: bool = False, **overrides):
+    """``(config, tensors, path)``: ``tiny_config(**overrides)`` with ``random_tensors(seed)``
+    saved in float32 by ``write_checkpoint``, with the tiny tokenizer if ``tokenizer``."""
+    from tiny_tokenizer import write_tiny_tokenizer
+
+    config = tiny_config(**overrides)
+    tensors = random_tensors(config, seed=seed)
+    path = write_checkpoint(tmp_path, config, tensors)
+    if tokenizer:
+        write_tiny_tokenizer(path, config.vocab_size)
+    return config, tensors, path
+
+
+def copy_dir(src, tmp_path, name: str) -> Path:
+    """A copy of the directory ``src`` at ``tmp_path / name``, to break without touching ``src``."""
+    dst = Path(tmp_path) / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_manifest(directory, fn) -> None:
+    """Rewrite ``directory/manifest.json`` as ``fn`` edits it (in place)."""
+    m = json.loads((Path(directory) / "manifest.json").read_text())
+    fn(m)
+    (Path(directory) / "manifest.json").write_text(json.dumps(m))
+
+
 def hf_llama(config: PmodConfig, tensors: dict, dtype=None):
     """A transformers ``LlamaForCausalLM`` (eager attention) with the same weights.
 
     Routers are dropped: this is the dense model (equal to p-MoD when MoD is off or no
-    vision tokens are routed).
+    vision tokens are routed). Skips the calling test where torch or transformers is missing.
     """
-    import torch
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dtype = dtype or torch.float32

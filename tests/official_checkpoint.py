@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from builders import TINY
 
 from pmod.config import PmodConfig
 from pmod.format import expected_tensors
@@ -31,24 +32,13 @@ DTYPES = ("float32", "float16", "bfloat16")
 #: LLaVA-NeXT's anyres grid (the released p-MoD-LLaVA-NeXT config).
 GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
-#: The p-MoD-LLaVA-NeXT shape scaled down: 32 layers (so the official D = 31 schedule
-#: is the real one: layers 8..31 are MoD layers), hidden 32, LLaVA-NeXT multimodal keys.
+#: The p-MoD-LLaVA-NeXT shape scaled down: ``builders.TINY`` with 32 layers (so the official
+#: D = 31 schedule is the real one: layers 8..31 are MoD layers), vocabulary 96, LLaVA-NeXT
+#: multimodal keys.
 TINY_OFFICIAL = dict(
+    TINY,
     vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
     num_hidden_layers=32,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    bos_token_id=1,
-    eos_token_id=2,
-    mod_target_layers="shiftedcos_decay_0.85_0.15",
-    mod_router_factor=0.5,
-    mod_weight_norm="tanh_0.2_1",
-    mod_bias_enabled=True,
     mod_target_token_type="vision_hr",
     mod_decay_span=31,
     mm_projector_type="mlp2x_gelu",

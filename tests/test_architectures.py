@@ -98,26 +98,22 @@ class ToyReference(Reference):
 
 
 def _register_toy(monkeypatch, runtimes=BACKENDS):
-    """The toy family in the core and in the named runtimes, as its own module would add it."""
+    """The toy family in the core and in the named runtimes, as its own module would add it:
+    each runtime's LLaMA attention with a gated tanh-GELU MLP."""
     monkeypatch.setitem(architectures.FAMILIES, "toy", architectures.TextFamily("toy", ("gelu_pytorch_tanh",)))
-    if "mlx" in runtimes:
-        mx = pytest.importorskip("mlx.core")
-        from pmod_mlx import language
+    for runtime in runtimes:
+        lib = pytest.importorskip("mlx.core" if runtime == "mlx" else "torch")
+        if runtime == "mlx":
+            from pmod_mlx import language as decoder
+        else:
+            from pmod_export import decoder
 
-        class MLXToyMLP(language.MLP):
-            def __call__(self, x):
-                return self.down_proj(_gelu_tanh(self.gate_proj(x), mx) * self.up_proj(x))
+        def toy_mlp(self, x, lib=lib):
+            return self.down_proj(_gelu_tanh(self.gate_proj(x), lib) * self.up_proj(x))
 
-        monkeypatch.setitem(language.FAMILIES, "toy", (language.Attention, MLXToyMLP))
-    if "torch" in runtimes:
-        torch = pytest.importorskip("torch")
-        from pmod_export import decoder
-
-        class TorchToyMLP(decoder.MLP):
-            def forward(self, x):
-                return self.down_proj(_gelu_tanh(self.gate_proj(x), torch) * self.up_proj(x))
-
-        monkeypatch.setitem(decoder.FAMILIES, "toy", (decoder.Attention, TorchToyMLP))
+        call = "__call__" if runtime == "mlx" else "forward"
+        toy = type("ToyMLP", (decoder.MLP,), {call: toy_mlp})
+        monkeypatch.setitem(decoder.FAMILIES, "toy", (decoder.Attention, toy))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,6 +16,8 @@ from pmod.app.generate import generate_tokens
 from pmod.app.session import Reply, open_session
 from tiny_tokenizer import write_tiny_tokenizer
 
+pytest.importorskip("pmod_mlx")  # sessions run on the default backend, MLX
+
 
 @pytest.fixture
 def model(tmp_path):

@@ -43,6 +43,7 @@ def test_shipped_checkpoint_validates_and_is_small():
 
 @shipped
 def test_shipped_model_answers_held_out_questions():
+    pytest.importorskip("pmod_mlx")
     from pmod.tasks.shapes.evaluate import evaluate
     from pmod.tasks import shapes
 
@@ -68,6 +69,7 @@ def test_other_objects_answers_leave_out_the_named_object():
 
 @shipped
 def test_demo_end_to_end(tmp_path, capsys):
+    pytest.importorskip("pmod_mlx")
     assert main(["demo", "--out", str(tmp_path), "--questions", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("Q: ") == 3 and "TFLOPs" in out and "KV-cache entries" in out
@@ -81,11 +83,13 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 @shipped
 def test_commands_default_to_the_embedded_model(capsys):
+    pytest.importorskip("pmod_mlx")
     assert main(["generate", "--prompt", "hello", "--max-tokens", "3"]) == 0
     assert capsys.readouterr().err == ""  # the answer alone on stdout
 
 
 def test_short_training_run_lowers_the_loss(tmp_path):
+    pytest.importorskip("pmod_mlx")
     from pmod.tasks.shapes.train import main as train
 
     out = tmp_path / "m"
@@ -151,6 +155,7 @@ def test_binding_loss_is_the_attention_paid_to_the_named_object():
     of the object its question names; ``binding_loss`` is -log of the attention mass, worked
     out here in float64 numpy from the layer's weights (HF RoPE, causal softmax), that head 0
     of the last dense layer pays them."""
+    pytest.importorskip("pmod_mlx")
     import mlx.core as mx
     from pmod.tasks.shapes import batches, labels, losses
     from pmod.tasks.shapes.train import model_config
@@ -211,6 +216,7 @@ def test_binding_loss_is_the_attention_paid_to_the_named_object():
 @shipped
 def test_exported_embedded_model_answers_like_mlx(tmp_path):
     """The shipped model through ONNX Runtime gives MLX's answers to the demo's questions."""
+    pytest.importorskip("pmod_mlx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch")
     from pmod.tasks import shapes
@@ -261,6 +267,7 @@ def test_scripts_import_the_package_not_each_other():
 def test_text_scene_holds_the_answers():
     """The decoder probe's --text-scene is fair only if the words hold the answers: each position
     question's answer is the side written after the one object the question names."""
+    pytest.importorskip("pmod_mlx")  # the script trains on MLX
     scene_text = script("decoder_probe").scene_text
     from pmod.tasks import shapes
 
@@ -280,6 +287,7 @@ def test_text_scene_holds_the_answers():
 
 @shipped
 def test_decoder_probe_reports_accuracy_per_type(tmp_path, capsys):
+    pytest.importorskip("pmod_mlx")
     probe = script("decoder_probe").main
 
     assert probe(["--text-scene", "--workers", "1", "--steps", "2", "--layers", "2", "--batch-size", "2",

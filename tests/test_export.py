@@ -32,9 +32,9 @@ pytest.importorskip("onnxruntime")
 MISBOUND, _torch_usable, test_in_a_fresh_process = torch_guard.guard(__file__)
 
 import onnx  # noqa: E402
-from builders import random_tensors, tiny_config, vision_inputs  # noqa: E402
+from builders import (copy_dir, edit_manifest, random_tensors, tiny_checkpoint, tiny_config,  # noqa: E402
+                      tiny_next, vision_inputs)
 from reference import Reference  # noqa: E402
-from tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
 
 import pmod  # noqa: E402
 from pmod.app.cli import main  # noqa: E402
@@ -56,11 +56,7 @@ N = 20
 HAS_MLX = importlib.util.find_spec("mlx") is not None
 BACKENDS = ["torch", "onnx"] + (["mlx"] if HAS_MLX else [])
 
-VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-              image_size=28, patch_size=14, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
-NEXT = dict(vision_config=VISION, mm_projector_type="mlp2x_gelu", mm_hidden_size=24,
-            mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
-            image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], max_position_embeddings=256)
+NEXT = tiny_next(max_position_embeddings=256)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -68,11 +64,7 @@ NEXT = dict(vision_config=VISION, mm_projector_type="mlp2x_gelu", mm_hidden_size
 def ckpt(tmp_path_factory):
     """(config, tensors, path) of a tiny LLaVA-NeXT p-MoD checkpoint with its CLIP tower."""
     torch_guard.skip_if(MISBOUND)
-    config = tiny_config(**NEXT)
-    tensors = random_tensors(config, seed=0)
-    path = save_checkpoint(tmp_path_factory.mktemp("export") / "ckpt", config, tensors, dtype="float32")
-    write_tiny_tokenizer(path, config.vocab_size)
-    return config, tensors, path
+    return tiny_checkpoint(tmp_path_factory.mktemp("export"), seed=0, tokenizer=True, **NEXT)
 
 
 @pytest.fixture(scope="module")
@@ -342,45 +334,33 @@ def test_torch_engine_limits(ckpt, engines):
 
 
 # ----------------------------------------------------------------------------- bad input
-def broken_copy(exported, tmp_path, name):
-    dst = tmp_path / name
-    shutil.copytree(exported, dst)
-    return dst
-
-
-def edit_manifest(path, fn):
-    m = json.loads((path / "manifest.json").read_text())
-    fn(m)
-    (path / "manifest.json").write_text(json.dumps(m))
-
-
 def test_bad_export_directories(ckpt, exported, tmp_path):
-    d = broken_copy(exported, tmp_path, "missing")
+    d = copy_dir(exported, tmp_path, "missing")
     (d / "decode.onnx").unlink()
     with pytest.raises(PmodError, match="decode.onnx is missing .*re-export"):
         pmod.open_engine(d, backend="onnx")
 
-    d = broken_copy(exported, tmp_path, "renamed")
+    d = copy_dir(exported, tmp_path, "renamed")
     edit_manifest(d, lambda m: m["graphs"]["prefill"]["inputs"][0].update(name="embeds"))
     with pytest.raises(PmodError, match="does not match prefill.onnx: inputs differ"):
         pmod.open_engine(d, backend="onnx")
 
-    d = broken_copy(exported, tmp_path, "dtype")
+    d = copy_dir(exported, tmp_path, "dtype")
     edit_manifest(d, lambda m: m["graphs"]["decode"]["inputs"][1].update(dtype="int64"))
     with pytest.raises(PmodError, match="input 'text_positions' is int32 .* int64"):
         pmod.open_engine(d, backend="onnx")
 
-    d = broken_copy(exported, tmp_path, "swapped")
+    d = copy_dir(exported, tmp_path, "swapped")
     shutil.copy(d / "decode.onnx", d / "prefill.onnx")
     with pytest.raises(PmodError, match="does not match prefill.onnx"):
         pmod.open_engine(d, backend="onnx")
 
-    d = broken_copy(exported, tmp_path, "caps")
+    d = copy_dir(exported, tmp_path, "caps")
     edit_manifest(d, lambda m: m.update(capacities=[20, 20, 14, 6, 3, 3]))
     with pytest.raises(PmodError, match="do not match the schedule"):
         pmod.open_engine(d, backend="onnx")
 
-    d = broken_copy(exported, tmp_path, "json")
+    d = copy_dir(exported, tmp_path, "json")
     (d / "manifest.json").write_text("{not json")
     with pytest.raises(PmodError, match="not valid JSON"):
         pmod.open_engine(d, backend="onnx")

@@ -45,7 +45,9 @@ def dense_model(tmp_path):
 
 
 def test_generate_cli_equals_transformers_greedy(dense_model, capsys):
-    import torch
+    pytest.importorskip("pmod_mlx")
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
     path, config, tensors = dense_model
@@ -71,6 +73,7 @@ def test_generate_cli_equals_transformers_greedy(dense_model, capsys):
 
 
 def test_generate_verbose_and_mod_model(tmp_path, capsys):
+    pytest.importorskip("pmod_mlx")
     config = tiny_config()
     path = write_checkpoint(tmp_path, config, random_tensors(config, seed=1))
     write_tiny_tokenizer(path, config.vocab_size)
@@ -81,6 +84,7 @@ def test_generate_verbose_and_mod_model(tmp_path, capsys):
 
 
 def test_generate_stops_at_eos_and_context(tmp_path):
+    pytest.importorskip("pmod_mlx")
     config = tiny_config(mod_target_layers=None, max_position_embeddings=16)
     tensors = random_tensors(config, seed=2)
     engine = pmod.open_engine(write_checkpoint(tmp_path, config, tensors), dtype="float32")
@@ -99,6 +103,7 @@ def _error_line(capsys):
 
 
 def test_generate_cli_errors(dense_model, tmp_path, capsys):
+    pytest.importorskip("pmod_mlx")
     path, _, _ = dense_model
     long_prompt = "what colour is the circle ? " * 50  # > 512 tokens with the template
     assert main(["generate", "--model", str(path), "--prompt", long_prompt]) == 2
@@ -115,6 +120,7 @@ def test_generate_cli_errors(dense_model, tmp_path, capsys):
 
 
 def test_engine_rejects_bad_inputs(make_checkpoint):
+    pytest.importorskip("pmod_mlx")
     engine = pmod.open_engine(make_checkpoint(), dtype="float32")
     H = engine.config.hidden_size
     cases = [

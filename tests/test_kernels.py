@@ -20,16 +20,18 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
-from builders import tiny_config
-from pmod.schedule import kept_count
-from pmod_mlx import kernels
-from pmod_mlx.language import DecoderLayer, Routing, rope_tables
+pytest.importorskip("pmod_mlx")  # its fast BLAS loads before mlx.core
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from builders import tiny_config  # noqa: E402
+from pmod.schedule import kept_count  # noqa: E402
+from pmod_mlx import kernels  # noqa: E402
+from pmod_mlx.language import DecoderLayer, Routing, rope_tables  # noqa: E402
 
 SHIM = Path(__file__).resolve().parent / "metal_shim.h"
 METAL = mx.metal.is_available()

@@ -17,6 +17,10 @@ from pmod.convert import convert_checkpoint
 from pmod.app.session import open_session
 from reference import Reference
 
+pytest.importorskip("pmod_mlx")  # sessions run on the default backend, MLX
+pytest.importorskip("torch")  # the expected values come from transformers
+pytest.importorskip("transformers")
+
 QUESTION = "what colour is the circle ?"
 # The Vicuna v1 template, written out (official conv_vicuna_v1), image first.
 TEMPLATED = ("A chat between a curious user and an artificial intelligence assistant. The assistant "

@@ -133,6 +133,7 @@ def test_split_and_directory_layouts(model, tmp_path):
 
 def test_batches_group_rows_by_routing_key_and_resume_mid_stream(tmp_path):
     """Anyres images of different shapes give different image-token counts: never mixed in a batch."""
+    pytest.importorskip("pmod_mlx")
     from pmod_mlx.train import Example, collate
 
     from pmod.lora_data import row_images

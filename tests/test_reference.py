@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from builders import hf_llama, hf_run, random_tensors, tiny_config, vision_inputs
+from builders import DENSE_VARIANTS, hf_llama, hf_run, random_tensors, tiny_config, vision_inputs
 from reference import Reference, reference_kept_count, reference_ratios
 
 from pmod.schedule import capacities, kept_count, layer_ratios
@@ -23,16 +23,6 @@ REL_TOL = 2e-6
 
 def _tol(logits):
     return REL_TOL * max(1.0, float(np.abs(logits).max()))
-
-
-DENSE_VARIANTS = {
-    "gqa": {},
-    "mha": dict(num_key_value_heads=4),
-    "biases": dict(attention_bias=True, mlp_bias=True),
-    "tied": dict(tie_word_embeddings=True),
-    "rope_linear": dict(rope_scaling={"type": "linear", "factor": 2.0}),
-    "head_dim_theta": dict(head_dim=16, num_attention_heads=2, num_key_value_heads=1, rope_theta=500000.0),
-}
 
 
 @pytest.mark.parametrize("variant", list(DENSE_VARIANTS))

@@ -14,7 +14,6 @@ and float32 router logits in float16 graphs.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 
 import numpy as np
@@ -27,13 +26,12 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 MISBOUND, _torch_usable, test_in_a_fresh_process = torch_guard.guard(__file__)
 
-from builders import random_tensors, tiny_config, vision_inputs  # noqa: E402
+from builders import copy_dir, edit_manifest, tiny_checkpoint, tiny_next, vision_inputs  # noqa: E402
 from reference import Reference  # noqa: E402
 
 import pmod  # noqa: E402
 from pmod.app.cli import main  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
-from pmod.format import save_checkpoint  # noqa: E402
 from pmod.schedule import capacities, kept_count, layer_ratios  # noqa: E402
 from pmod.static import contract  # noqa: E402
 from pmod.static.cache import ALIGN  # noqa: E402
@@ -45,11 +43,7 @@ N = 12
 TEXT = 6
 BUCKETS = [3, 7, 12]
 TOL = 1e-4
-VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              image_size=28, patch_size=14, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
-NEXT = dict(vision_config=VISION, mm_projector_type="mlp2x_gelu", mm_hidden_size=24,
-            mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
-            image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], max_position_embeddings=128)
+NEXT = tiny_next(max_position_embeddings=128, vision_layers=2)
 WHERE = ("start", "middle", "end", "alone")  # alone: a chunk of vision tokens only
 
 
@@ -62,10 +56,7 @@ class TrtGraphsOnOrt(OrtEngine):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch_guard.skip_if(MISBOUND)
-    config = tiny_config(**NEXT)
-    tensors = random_tensors(config, seed=2)
-    path = save_checkpoint(tmp_path_factory.mktemp("static") / "ckpt", config, tensors, dtype="float32")
-    return config, tensors, path
+    return tiny_checkpoint(tmp_path_factory.mktemp("static"), seed=2, **NEXT)
 
 
 @pytest.fixture(scope="module")
@@ -287,18 +278,6 @@ def test_device_kv_binds_aligned_addresses(ckpt, exports, engines, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- bad input
-def _copy(src, tmp_path, name):
-    dst = tmp_path / name
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _edit(d, fn):
-    m = json.loads((d / "manifest.json").read_text())
-    fn(m)
-    (d / "manifest.json").write_text(json.dumps(m))
-
-
 def test_refusals(ckpt, exports, tmp_path, capsys):
     config, tensors, path = ckpt
     e = OrtEngine(exports["ort"], threads=1)
@@ -307,14 +286,14 @@ def test_refusals(ckpt, exports, tmp_path, capsys):
                                         f"--max-vision-tokens {N + 1}"):
         e.prefill(inputs_embeds=emb, vision_mask=vm)
     assert e.position == 0
-    d = _copy(exports["ort"], tmp_path, "v1")
-    _edit(d, lambda m: m.update(manifest_version=1))
+    d = copy_dir(exports["ort"], tmp_path, "v1")
+    edit_manifest(d, lambda m: m.update(manifest_version=1))
     with pytest.raises(PmodError, match="manifest version 1 .written by an older pmod.*re-export it"):
         OrtEngine(d)
     with pytest.raises(PmodError, match=r"exported for TensorRT \(--target trt\).*'pmod export onnx --target ort'"):
         pmod.open_engine(exports["trt"], backend="onnx")
-    d = _copy(exports["buckets"], tmp_path, "unordered")
-    _edit(d, lambda m: m.update(buckets=[7, 3, 12]))
+    d = copy_dir(exports["buckets"], tmp_path, "unordered")
+    edit_manifest(d, lambda m: m.update(buckets=[7, 3, 12]))
     with pytest.raises(PmodError, match=r"buckets \[7, 3, 12\] must increase"):
         TrtGraphsOnOrt(d)
     for buckets, match in (("7,3,12", "strictly increasing"), ("3,7,x", "whole numbers"),

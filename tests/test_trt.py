@@ -46,14 +46,12 @@ pytest.importorskip("onnxruntime")
 MISBOUND, _torch_usable, test_in_a_fresh_process = torch_guard.guard(__file__)
 
 import onnx  # noqa: E402
-from builders import random_tensors, tiny_config  # noqa: E402
-from tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
+from builders import copy_dir, edit_manifest, tiny_checkpoint, tiny_config, tiny_next  # noqa: E402
 from trt_fakes import GPU, TRT_ALIGN, TRT_VERSION, FakeCudart, make_fake_tensorrt  # noqa: E402
 
 import pmod  # noqa: E402
 from pmod.app.cli import main  # noqa: E402
 from pmod.errors import PmodError  # noqa: E402
-from pmod.format import save_checkpoint  # noqa: E402
 from pmod.schedule import capacities  # noqa: E402
 from pmod.static import contract  # noqa: E402
 from pmod_export.ort_engine import OrtEngine  # noqa: E402
@@ -67,11 +65,8 @@ from pmod_trt.profiles import (OPT_HISTORY, OPT_TEXT, Profile, all_profiles, dim
 N = 20
 CONTEXT = 1024
 BUCKETS = [5, 12, 20]
-VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-              image_size=28, patch_size=14, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
-NEXT = dict(vision_config=VISION, mm_projector_type="mlp2x_gelu", mm_hidden_size=24,
-            mm_patch_merge_type="spatial_unpad", image_aspect_ratio="anyres",
-            image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], max_position_embeddings=CONTEXT)
+NEXT = tiny_next(max_position_embeddings=CONTEXT)
+VISION = NEXT["vision_config"]
 
 
 class TrtGraphsOnOrt(OrtEngine):
@@ -108,10 +103,7 @@ def no_lint(monkeypatch):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch_guard.skip_if(MISBOUND)
-    config = tiny_config(**NEXT)
-    tensors = random_tensors(config, seed=0)
-    path = save_checkpoint(tmp_path_factory.mktemp("trt") / "ckpt", config, tensors, dtype="float32")
-    write_tiny_tokenizer(path, config.vocab_size)
+    config, tensors, path = tiny_checkpoint(tmp_path_factory.mktemp("trt"), seed=0, tokenizer=True, **NEXT)
     return config, path, tensors
 
 
@@ -230,11 +222,8 @@ def test_build_refused_without_gpu(exported, tmp_path, fakes, capsys):
 def test_build_refused_for_an_onnx_runtime_export(exported, tmp_path, fakes, capsys):
     """An export for ONNX Runtime (--target ort: its fused attention) is not built: one line naming --target trt."""
     trt, _ = fakes.default
-    d = tmp_path / "ort"
-    shutil.copytree(exported, d)
-    m = json.loads((d / "manifest.json").read_text())
-    m["target"] = "ort"
-    (d / "manifest.json").write_text(json.dumps(m))
+    d = copy_dir(exported, tmp_path, "ort")
+    edit_manifest(d, lambda m: m.update(target="ort"))
     assert main(["trt", "build", "--onnx", str(d), "--out", str(tmp_path / "eng")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exported for ONNX Runtime (--target ort" in err[0], err
@@ -373,11 +362,8 @@ def test_profile_selection_and_round_trip(exported):
 
 
 def test_unknown_dimension_refused(exported, tmp_path):
-    d = tmp_path / "onnx"
-    shutil.copytree(exported, d)
-    m = json.loads((d / "manifest.json").read_text())
-    m["graphs"]["decode"]["inputs"][0]["shape"] = [1, "chunk_len", 32]
-    (d / "manifest.json").write_text(json.dumps(m))
+    d = copy_dir(exported, tmp_path, "onnx")
+    edit_manifest(d, lambda m: m["graphs"]["decode"]["inputs"][0].update(shape=[1, "chunk_len", 32]))
     with pytest.raises(PmodError, match="dimension 'chunk_len' that pmod_trt does not know"):
         all_profiles(read_trt_export(d))
 

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 mx = pytest.importorskip("mlx.core")
 
 from builders import tiny_config  # noqa: E402
+from hf_llava import randomize  # noqa: E402
 
 from pmod.errors import PmodError  # noqa: E402
 from pmod.format import vision_layers_used, vision_tensors  # noqa: E402
@@ -30,20 +31,7 @@ def vision_dict(image_size=28, patch_size=14, layers=3, hidden_act="quick_gelu")
 def hf_tower(vision: dict, seed: int = 0):
     """A CLIPVisionModel with every parameter random (biases and LayerNorms too, unlike HF's init)."""
     torch.manual_seed(seed)
-    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "layer_norm" in name or "layrnorm" in name:
-                p.copy_(1.0 + 0.1 * r if name.endswith("weight") else 0.1 * r)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * r)
-            elif p.ndim >= 2:
-                p.copy_(r / np.sqrt(np.prod(p.shape[1:])))
-            else:  # class embedding
-                p.copy_(r)
-    return model
+    return randomize(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).eval(), seed)
 
 
 def to_pmod_names(state_dict: dict, n_layers: int) -> dict[str, np.ndarray]:

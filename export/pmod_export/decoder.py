@@ -50,8 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pmod.architectures import runtime_entry
 from pmod.config import PmodConfig
-from pmod.errors import PmodError
 from pmod.schedule import capacities, kept_count, layer_ratios
 from pmod.static.contract import layer_stages, stage_sizes, topk_stages
 
@@ -234,17 +234,8 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-#: Text family (``pmod.architectures``) -> the classes of its attention and MLP, each built from
-#: the config; the norms are RMSNorm and the MoD routing is the same for every family. A new
-#: family is a module that adds its entry here.
+#: text family (``pmod.architectures``) -> (attention, MLP) classes; norms and routing are shared
 FAMILIES: dict[str, tuple[type, type]] = {"llama": (Attention, MLP)}
-
-
-def decoder_parts(config: PmodConfig) -> tuple[type, type]:
-    if config.text_model_type not in FAMILIES:
-        raise PmodError(f"the torch runtime has no decoder for text model {config.text_model_type!r}: "
-                        f"it runs {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[config.text_model_type]
 
 
 class Router(nn.Linear):
@@ -261,7 +252,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: PmodConfig, ratio: float | None):
         super().__init__()
-        attention, mlp = decoder_parts(config)
+        attention, mlp = runtime_entry(FAMILIES, config, "torch")
         self.self_attn = attention(config)
         self.mlp = mlp(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pmod.errors import PmodError
+from pmod.errors import PmodError, first_line
 from pmod.static.cache import ALIGN, DeviceKV, HostKV
 from pmod.static.chunk import Step
 from pmod.static.engine import StaticEngine
@@ -29,10 +29,6 @@ from pmod.static.manifest import MANIFEST, check_io, read_manifest
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
               "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(double)": "float64",
               "tensor(bfloat16)": "bfloat16", "tensor(uint8)": "uint8"}
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 class _Buffer:
@@ -118,7 +114,7 @@ class OrtEngine(StaticEngine):
             try:
                 sess = ort.InferenceSession(str(file), opts, providers=list(providers))
             except Exception as e:  # noqa: BLE001 - onnxruntime raises several types
-                raise PmodError(f"onnxruntime cannot load {file} ({_first_line(e)}); {m.fix}") from None
+                raise PmodError(f"onnxruntime cannot load {file} ({first_line(e)}); {m.fix}") from None
             check_io(self.path / MANIFEST, spec,
                      [(i.name, _ORT_TYPES.get(i.type, i.type), i.shape) for i in sess.get_inputs()],
                      [(o.name, _ORT_TYPES.get(o.type, o.type), o.shape) for o in sess.get_outputs()], m.fix)
@@ -147,7 +143,7 @@ class OrtEngine(StaticEngine):
         try:
             sess.run_with_iobinding(b)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several types
-            raise PmodError(f"onnxruntime failed on the {step.graph} graph ({_first_line(e)}); "
+            raise PmodError(f"onnxruntime failed on the {step.graph} graph ({first_line(e)}); "
                             f"{self.manifest.fix}") from None
         return self._logits[0].copy()
 

@@ -40,9 +40,10 @@ def _cmd_flops(args) -> None:
     from pmod.flops import PRESETS, format_report, preset_config, report
     from pmod.format import read_config
 
-    if (args.model is None) == (args.preset is None):
-        raise PmodError("give a model directory or --preset NAME, not both "
-                        f"(presets: {', '.join(sorted(PRESETS))})")
+    if args.model is None and args.preset is None:
+        raise PmodError(f"give a model directory or --preset NAME (presets: {', '.join(sorted(PRESETS))})")
+    if args.model is not None and args.preset is not None:
+        raise PmodError("give either a model directory or --preset, not both")
     for flag, n in (("--vision-tokens", args.vision_tokens), ("--text-tokens", args.text_tokens)):
         if n < 0:
             raise PmodError(f"{flag} must be >= 0, got {n}")

@@ -1,8 +1,11 @@
-"""The engine registry: backend name -> the runtime that implements :class:`pmod.engine.Engine`.
+"""The registry: the one place the applications reach a runtime.
 
-The one place the applications reach a runtime. A runtime is imported by name only when
-asked for, so no application module (and nothing in the core) imports one at import time;
-a missing install is a one-line error naming the pip extra.
+``BACKENDS`` names the engine class (:class:`pmod.engine.Engine`) of each backend,
+``TOOLS`` the runtime functions a command calls besides an engine (LoRA training, MLX
+quantization, ONNX export, TensorRT build), ``RUNTIMES`` each runtime package's
+``runtime_info``. Each is imported by name only when asked for, so no application module
+(and nothing in the core) imports a runtime at import time; a missing install is a
+one-line error naming the pip extra.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pmod import prompt
 from pmod.engine import Engine
 from pmod.errors import PmodError
 from pmod.app.generate import GenerationStats, Sampler, SamplerArgs, generate_tokens
+from pmod.app.registry import open_engine
 from pmod.tokenizer import StreamingDetokenizer, load_tokenizer
 
 
@@ -182,8 +183,6 @@ class Session:
 
 def open_session(model_dir, backend: str = "mlx", dtype: str | None = None, chat_template: bool = False,
                  **kwargs) -> Session:
-    from pmod.app.registry import open_engine
-
     tokenizer = load_tokenizer(model_dir)  # checked before the (slower) weights load
     return Session(open_engine(model_dir, backend=backend, dtype=dtype, **kwargs), model_dir, tokenizer,
                    chat_template=chat_template)

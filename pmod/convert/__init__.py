@@ -42,9 +42,10 @@ from pmod.convert.clip import read_clip_tower
 from pmod.convert.llava_hf import HF_MODEL_TYPES, hf_llava_config, map_hf_tensors
 from pmod.convert.official import MODEL_TYPES, attach_vision_tower, map_tensors, official_config
 from pmod.convert.sources import (
-    PROCESSOR_FILES, default_dtype, processor_source, read_json_object, read_source_tensors,
+    PROCESSOR_FILES, default_dtype, processor_source, read_source_tensors,
 )
 from pmod.errors import PmodError
+from pmod.jsonfile import read_json_object
 from pmod.format import FLOAT_DTYPES, TOKENIZER_FILES, atomic_dir, save_checkpoint, stored_dtype, tensor_loaders
 from pmod.quantization import DEFAULT_GROUP_SIZE, check_settings, dequantized_loaders, quantized_loaders
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pmod.config import PmodConfig, VisionConfig
-from pmod.convert.sources import SourceTensor, processor_source, read_json_object, read_source_tensors
+from pmod.convert.sources import SourceTensor, processor_source, read_source_tensors
 from pmod.errors import PmodError
+from pmod.jsonfile import read_json_object
 from pmod.format import vision_layers_used
 
 #: A CLIP vision tensor name inside the tower (after any ``vision_model.`` prefix).

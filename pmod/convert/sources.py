@@ -18,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from pmod.errors import PmodError
+from pmod.errors import PmodError, first_line
+from pmod.jsonfile import read_json_object
 from pmod.safetensors_io import read_header, read_tensors, to_float32
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -166,19 +167,6 @@ def _torch_loader(t) -> Callable[[], np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- JSON files
-def read_json_object(path: Path, fix: str) -> dict:
-    """The JSON object in ``path``; a one-line error ending in ``fix`` when it is none."""
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PmodError(f"{path} is not valid JSON ({_first_line(e)}); {fix}") from None
-    except OSError as e:
-        raise PmodError(f"{path}: cannot read ({e.strerror})") from None
-    if not isinstance(d, dict):
-        raise PmodError(f"{path} must hold a JSON object; {fix}")
-    return d
-
-
 def read_image_processor(path: Path) -> dict | None:
     """A directory's image-processor settings: ``preprocessor_config.json``, else the
     ``image_processor`` of ``processor_config.json`` (transformers 5), else None."""
@@ -202,11 +190,5 @@ def processor_source(path: Path) -> "Path | dict | None":
 
 
 def _first_sentence(e: BaseException, limit: int = 120) -> str:
-    line = _first_line(e, limit)
+    line = first_line(e, limit)
     return re.split(r"(?<=[a-z)])\. ", line, maxsplit=1)[0].rstrip(".")
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
-    return line if len(line) <= limit else line[:limit] + "..."

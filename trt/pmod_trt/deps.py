@@ -10,7 +10,7 @@ import importlib
 import re
 import sys
 
-from pmod.errors import PmodError
+from pmod.errors import PmodError, first_line
 
 INSTALL = "pip install 'pmod[trt]' on a machine with an NVIDIA GPU and driver"
 #: The TensorRT versions this code is written and tested for: 10.x from 10.1 (user-managed
@@ -23,11 +23,11 @@ def tensorrt(what: str):
     try:
         trt = importlib.import_module("tensorrt")
     except ImportError as e:  # also the stub's "could not find the TensorRT libraries"
-        detail = "tensorrt is not installed" if e.name == "tensorrt" else f"tensorrt does not load: {_first_line(e)}"
+        detail = "tensorrt is not installed" if e.name == "tensorrt" else f"tensorrt does not load: {first_line(e)}"
         raise PmodError(f"{what} needs an NVIDIA GPU with TensorRT ({detail}): {INSTALL}") from None
     except OSError as e:  # a wheel whose CUDA libraries are missing
         raise PmodError(f"{what} needs an NVIDIA GPU with TensorRT (tensorrt does not load: "
-                        f"{_first_line(e)}): {INSTALL}") from None
+                        f"{first_line(e)}): {INSTALL}") from None
     version = getattr(trt, "__version__", "?")
     low, high = SUPPORTED
     if not low <= version_tuple(version) < high:
@@ -47,11 +47,6 @@ def version_tuple(version: str) -> tuple[int, ...]:
         if m.end() != len(part):
             break
     return tuple(out)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 _logger = None
