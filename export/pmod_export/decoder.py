@@ -173,6 +173,39 @@ def blocked_attention(q, k, v, past_k, past_v, past_pos, pos, heads: int, head_d
     return torch.index_select(torch.cat(outs, 1), 1, back)
 
 
+def eager_attention(q, k, v, past_k, past_v, past_pos, pos, live):
+    """Attention of the slots ``q, k, v`` ``[1, S, heads or kv, D]`` over the past and themselves,
+    causal by position, with torch's fused kernels (what the torch backend runs).
+
+    A first chunk with every slot live (a prompt's prefill, dense or MoD) is put in position
+    order, where "key position <= query position" is the plain causal mask: the kernel then
+    skips the masked half (as transformers' sdpa path does) and no mask is built. One query
+    (decoding) sees every key, so it needs no mask either. Anything else gets the position mask.
+    Returns ``[1, S, heads * D]`` in slot order.
+    """
+    g = q.shape[2] // k.shape[2]
+    if live is None and past_k.shape[1] == 0 and q.shape[1] > 1:
+        order = torch.argsort(pos[0])
+        q, k, v = q[:, order], repeat_kv(k[:, order], g), repeat_kv(v[:, order], g)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return out.transpose(1, 2)[:, torch.argsort(order)].flatten(2)
+    keys, values = repeat_kv(torch.cat([past_k, k], dim=1), g), repeat_kv(torch.cat([past_v, v], dim=1), g)
+    mask = None if live is None and q.shape[1] == 1 else position_mask(past_pos, pos, live).unsqueeze(1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+def position_mask(past_pos, pos, live):
+    """``[1, S, P+S]`` bool: slot query ``i`` may see key ``j`` (key position <= query position,
+    past entries all live; a dead query sees every key, so no row is empty: it is dropped later)."""
+    allowed = torch.cat([past_pos, pos], dim=1).unsqueeze(1) <= pos.unsqueeze(2)
+    if live is not None:
+        allowed = allowed & torch.cat([torch.ones_like(past_pos, dtype=torch.bool), live], dim=1).unsqueeze(1)
+        allowed = allowed | ~live.unsqueeze(2)
+    return allowed
+
+
 class Attention(nn.Module):
     def __init__(self, config: PmodConfig):
         super().__init__()
@@ -196,29 +229,25 @@ class Attention(nn.Module):
         q = apply_rope(self.q_proj(x).reshape(1, -1, nh, D), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(1, -1, nkv, D), cos, sin)
         v = self.v_proj(x).reshape(1, -1, nkv, D)
-        if blocked and exporting() and target == "ort" and live is None:
+        if not exporting():
+            return self.o_proj(eager_attention(q, k, v, past_k, past_v, past_pos, pos, live)), k, v
+        if blocked and target == "ort" and live is None:
             g = nh // nkv
             out = blocked_attention(q, repeat_kv(k, g), repeat_kv(v, g), repeat_kv(past_k, g), repeat_kv(past_v, g),
                                     past_pos, pos, nh, D)
             return self.o_proj(out), k, v
         keys, values = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)  # [1, P+S, nkv, D]
-        allowed = torch.cat([past_pos, pos], dim=1).unsqueeze(1) <= pos.unsqueeze(2)  # [1, S, P+S]
-        if live is not None:
-            allowed = allowed & torch.cat([torch.ones_like(past_pos, dtype=torch.bool), live], dim=1).unsqueeze(1)
-            allowed = allowed | ~live.unsqueeze(2)  # a dead query sees every key (no empty row); dropped later
+        allowed = position_mask(past_pos, pos, live)
         keys, values = repeat_kv(keys, nh // nkv), repeat_kv(values, nh // nkv)
-        if exporting() and target == "ort":
+        if target == "ort":
             bias = torch.where(allowed, 0.0, torch.finfo(x.dtype).min).to(x.dtype).unsqueeze(1)
             out = _MultiHeadAttention.apply(merge_heads(q, nh * D), merge_heads(keys, nh * D),
                                             merge_heads(values, nh * D), bias, nh)
-        elif exporting():  # trt: [1, heads, S, D] @ [1, heads, D, P+S], float32 softmax
+        else:  # trt: [1, heads, S, D] @ [1, heads, D, P+S], float32 softmax
             bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min).unsqueeze(1)
             scores = torch.matmul((q * D**-0.5).transpose(1, 2), keys.permute(0, 2, 3, 1)).float() + bias
             probs = torch.softmax(scores, dim=-1).to(x.dtype)
             out = merge_heads(torch.matmul(probs, values.transpose(1, 2)).transpose(1, 2), nh * D)
-        else:  # eager: torch's fused attention
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                                 attn_mask=allowed.unsqueeze(1)).transpose(1, 2).flatten(2)
         return self.o_proj(out), k, v
 
 
@@ -417,24 +446,31 @@ class StaticDecoder(nn.Module):
         else:
             past = rest
         new = []
+        tables_t = self._tables(pos_t)  # RoPE rows of the text slots, and of a dense layer's
+        if form != "text":
+            pos_d = torch.cat([pos_t, pos_v], dim=1)
+            tables_d = self._tables(pos_d)
+        joined = None  # a dense layer's output [text; vision], which the next dense layer takes whole
         for l, layer in enumerate(self.lm.layers):
             past_l = past[3 * l: 3 * l + 3]
             Tt = x_t.shape[1]
             if form == "text":
-                h, m, k, v = layer.block(x_t, self._tables(pos_t), pos_t, None, past_l, target)
+                h, m, k, v = layer.block(x_t, tables_t, pos_t, None, past_l, target)
                 x_t = h + m
                 new += [k, v, pos_t]
                 continue
             if layer.ratio is None:
-                x, pos = torch.cat([x_t, x_v], dim=1), torch.cat([pos_t, pos_v], dim=1)
+                x = torch.cat([x_t, x_v], dim=1) if joined is None else joined
                 live = None if live_v is None else torch.cat([torch.ones_like(pos_t, dtype=torch.bool), live_v], 1)
-                h, m, k, v = layer.block(x, self._tables(pos), pos, live, past_l, target, form == "shape")
+                h, m, k, v = layer.block(x, tables_d, pos_d, live, past_l, target, form == "shape")
                 out = h + m
                 x_t, x_v = out[:, :Tt], out[:, Tt:]
                 if live_v is not None:  # padding stays inert, whatever attention gave a dead row
                     x_v = torch.where(live_v.unsqueeze(-1), x_v, torch.zeros_like(x_v))
-                new += [k, v, pos]
+                joined = out if live_v is None else None
+                new += [k, v, pos_d]
                 continue
+            joined = None
             s, w = layer.route(x_v)
             skip = w.unsqueeze(-1).to(x_v.dtype) * x_v  # a skipped vision token leaves as w * x
             if form == "shape":
@@ -443,7 +479,7 @@ class StaticDecoder(nn.Module):
             else:
                 stages, key = self.stages[l], torch.where(live_v, s, PAD_SCORE)
             if not stages:  # this layer keeps no vision token for any n the graph takes
-                h, m, k, v = layer.block(x_t, self._tables(pos_t), pos_t, None, past_l, target)
+                h, m, k, v = layer.block(x_t, tables_t, pos_t, None, past_l, target)
                 x_t, x_v = h + m, skip
                 new += [k, v, pos_t]
                 continue

@@ -69,17 +69,17 @@ class PmodTorchModel(nn.Module):
                 target: str | None = None) -> StaticDecoder:
         """The static decoder in ``form`` (``text``, ``shape``, ``bucket``; built once per setting)."""
         key = (form, size, int(max_context or self.config.max_position_embeddings), float(retention), target)
-        if key not in self._decoders:
-            self._decoders[key] = StaticDecoder(self.language_model, *key)
+        if key not in self._decoders:  # its RoPE tables go where the weights are
+            self._decoders[key] = StaticDecoder(self.language_model, *key).to(self.language_model.norm.weight.device)
         return self._decoders[key]
 
 
-def load(path: str | Path, dtype: str | None = None) -> PmodTorchModel:
+def load(path: str | Path, dtype: str | None = None, device: torch.device | None = None) -> PmodTorchModel:
     """Validate and load a pmod checkpoint into :class:`PmodTorchModel` (eval mode, no grad).
 
     The model is built without storage and each tensor is read (memory-mapped), widened
-    by ``pmod.safetensors_io.to_float32`` and cast on its own, so loading holds the model
-    once in ``dtype`` plus one float32 tensor.
+    by ``pmod.safetensors_io.to_float32`` and cast on its own straight onto ``device`` (default
+    the CPU), so loading holds the model once in ``dtype`` plus one float32 tensor on the host.
     """
     target = torch_dtype(dtype)
     config, found = validate(path)
@@ -93,7 +93,7 @@ def load(path: str | Path, dtype: str | None = None) -> PmodTorchModel:
     for f, names in by_file.items():
         raw = read_tensors(f, names)
         for name in names:
-            state[name] = torch.tensor(to_float32(raw[name], found[name][1]), dtype=target)
+            state[name] = torch.tensor(to_float32(raw[name], found[name][1]), dtype=target, device=device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:  # validate() guarantees the format's names; this is a pmod bug
         raise PmodError(f"checkpoint tensors do not fit the torch model (missing {missing[:3]}, "

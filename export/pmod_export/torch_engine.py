@@ -1,8 +1,10 @@
 """``pmod.open_engine(path, backend="torch")``: the static torch model behind the shared interface.
 
 It runs what is exported (``StaticDecoder`` in its ``shape`` and ``text`` forms,
-``VisionEncoder``) on a pmod checkpoint directory, eagerly on the CPU, with the chunk plan
-and host KV buffers of the exported graphs (:mod:`pmod.static`). ``max_vision_tokens=N``
+``VisionEncoder``) on a pmod checkpoint directory, eagerly, with the chunk plan of the
+exported graphs (:mod:`pmod.static`). ``device="cuda"`` (or ``"cuda:N"``) puts the weights and
+every layer's KV buffers on that GPU; a step then moves only its small plan arrays in and
+the logits out. Default: the CPU. ``max_vision_tokens=N``
 refuses chunks over ``N`` as an export for ``N`` would; left at None there is no limit.
 ``retention=S`` runs the MoD layers at that dial (``pmod.schedule.layer_ratios``), as
 ``pmod export onnx --retention S`` would build them.
@@ -26,8 +28,46 @@ from pmod.static.engine import StaticEngine
 
 from .model import load
 
-# numpy has no bfloat16: its KV entries are kept as raw 16-bit words and viewed by torch.
+# numpy has no bfloat16: a numpy type of the same width stands in for the byte counts.
 _STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
+class TorchKV(HostKV):
+    """:class:`HostKV`'s per-layer buffers as torch tensors on the engine's device: the decoder
+    reads the live entries and the new ones are copied in place there (nothing goes through
+    the host). Not bound to graphs, so it has no addresses (``past``/``new``)."""
+
+    def __init__(self, num_layers: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.torch_dtype, self.device = dtype, device
+        super().__init__(num_layers, n_kv, head_dim, _STORAGE[dtype])
+
+    def _alloc(self, n: int) -> torch.Tensor:
+        return torch.zeros((n, self.n_kv, self.head_dim), dtype=self.torch_dtype, device=self.device)
+
+    def _alloc_positions(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.int32, device=self.device)
+
+    def _positions(self, l: int, n: int) -> np.ndarray:
+        return self.positions[l][:n].cpu().numpy()
+
+
+def torch_device(name: str | None) -> torch.device:
+    """``name`` ("cpu", "cuda", "cuda:1"; None: the CPU) as a device, or a one-line error when
+    it does not exist here."""
+    try:
+        device = torch.device(name or "cpu")
+    except RuntimeError:
+        raise PmodError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no NVIDIA GPU is visible"
+            raise PmodError(f"device {name!r} is not available ({why}, torch {torch.__version__}): "
+                            "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PmodError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise PmodError(f"device {name!r} is not supported by the torch backend: use cpu or cuda")
+    return device
 
 
 class TorchEngine(StaticEngine):
@@ -36,44 +76,45 @@ class TorchEngine(StaticEngine):
     profiles_layers = True
 
     def __init__(self, path, dtype: str | None = None, max_vision_tokens: int | None = None, dense: bool = False,
-                 retention: float | None = None):
+                 retention: float | None = None, device: str | None = None):
         torch_loader.check()
+        self.device = torch_device(device)
+        self.profiles_layers = self.device.type == "cpu"  # the hooks read the clock as the CPU finishes
         if max_vision_tokens is not None and (not isinstance(max_vision_tokens, int) or max_vision_tokens < 0):
             raise PmodError(f"max_vision_tokens must be a non-negative integer, got {max_vision_tokens!r}")
         self.retention = check_retention(1.0 if retention is None else retention)
-        self.model = load(path, dtype)
+        self.model = load(path, dtype, self.device)
         self.dense = dense  # run every layer over every token: the plain-LLaVA twin, routers unused
         self.config = c = self.model.config
         self.dtype = self.model.dtype
         self.max_vision = max_vision_tokens
         self.planner = Planner(c, max_vision_tokens, self.retention, flag="max_vision_tokens")
-        self.cache = HostKV(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, _STORAGE[self.dtype])
+        self.cache = TorchKV(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self._position = 0
-
-    def _view(self, a: np.ndarray) -> torch.Tensor:
-        """A KV buffer's numpy array as a torch tensor of the model's dtype (no copy)."""
-        t = torch.from_numpy(a)
-        return t.view(self.dtype) if a.dtype == np.uint16 else t
 
     def _run_decoder(self, step: Step) -> np.ndarray:
         form = "text" if step.graph == "decode" else "shape"
         decoder = self.model.decoder(form, self.max_vision if form == "shape" else None, retention=self.retention)
-        inputs = [torch.from_numpy(a) for a in step.feeds.values()]
-        inputs = [t.to(self.dtype) if t.is_floating_point() else t for t in inputs]
+        inputs = [self._tensor(a) for a in step.feeds.values()]
         for l in range(len(step.slots)):
-            inputs += [self._view(a) for a in self.cache.past_arrays(l)]
+            inputs += self.cache.past_arrays(l)
         with torch.inference_mode():
             out = decoder(*inputs)
-        for l, s in enumerate(step.slots):
-            for dst, src in zip(self.cache.tail_arrays(l, s), out[1 + 3 * l: 4 + 3 * l]):
-                self._view(dst).copy_(src)
-        return out[0][0].float().numpy()
+            for l, s in enumerate(step.slots):
+                for dst, src in zip(self.cache.tail_arrays(l, s), out[1 + 3 * l: 4 + 3 * l]):
+                    dst.copy_(src)
+        return out[0][0].float().cpu().numpy()
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        """A host array on the engine's device, floats in the model's dtype."""
+        t = torch.from_numpy(a)
+        return t.to(self.device, self.dtype if t.is_floating_point() else None, non_blocking=True)
 
     def embed(self, input_ids) -> np.ndarray:
         ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64).reshape(-1))
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise PmodError(f"token ids must be in [0, {self.config.vocab_size}), got {int(ids.min())}..{int(ids.max())}")
-        return self.model.language_model.embed_tokens.weight[ids].float().numpy()
+        return self.model.language_model.embed_tokens.weight[ids.to(self.device)].float().cpu().numpy()
 
     def encode_image(self, image) -> np.ndarray:
         encoder = self.model.vision()
@@ -84,18 +125,19 @@ class TorchEngine(StaticEngine):
             raise PmodError(f"pixel_values have shape {tuple(pixels.shape)}; the vision tower expects "
                             f"[N, {want[0]}, {want[1]}, {want[2]}] (NCHW)")
         with torch.inference_mode():
-            out = encoder(torch.from_numpy(pixels).to(self.dtype), torch.from_numpy(image.feature_index()))
-        return out.float().numpy()
+            out = encoder(self._tensor(pixels), torch.from_numpy(image.feature_index()).to(self.device))
+        return out.float().cpu().numpy()
 
     # ------------------------------------------------------------------ the runtime
     def runtime_info(self) -> dict:
         dtype = str(self.dtype).rsplit(".", 1)[-1]  # torch.float32
-        return dict(device="cpu", dtype=dtype, kv_dtype=dtype, blas=None, kernels=None)
+        return dict(device=str(self.device), dtype=dtype, kv_dtype=dtype, blas=None, kernels=None)
 
     def matmul_probe(self, n: int):
         rng = np.random.default_rng(0)
-        a, b = (torch.from_numpy(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
-        return lambda: torch.mm(a, b)
+        a, b = (torch.from_numpy(rng.standard_normal((n, n), dtype=np.float32)).to(self.device) for _ in range(2))
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        return lambda: (torch.mm(a, b), sync())
 
     @contextmanager
     def profiled(self, timer):

@@ -169,6 +169,8 @@ def _add_sampling(s) -> None:
                         "'pmod export onnx' directory)")
     s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="compute dtype (default: float32 on CPU, float16 on Metal)")
+    s.add_argument("--device", default=None,
+                   help="torch backend: cpu (default) or cuda[:N] for the weights and KV caches")
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--temp", type=float, default=0.0)
     s.add_argument("--top-p", type=float, default=1.0)
@@ -289,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up (default 3)")
     s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="compute dtype (default: each backend's, float32 on CPU)")
+    s.add_argument("--device", default=None,
+                   help="the torch runs: cpu (default) or cuda[:N]")
     s.add_argument("--profile", action="store_true",
                    help="also time each decoder layer, a MoD layer split into route / attention / mlp / merge")
     _add_retention(s, "; onnx and trt export and build the graphs at S, cached per S")

@@ -29,6 +29,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "quantization": ("pmod_mlx.quantize", "mlx"),  # the ops of pmod.quantization.need_ops
     "export_onnx": ("pmod_export.onnx_export:export_onnx", "export"),
     "build_trt": ("pmod_trt.build:build_engines", "trt"),
+    "transformers_peer": ("pmod_export.peer:TransformersPeer", "export"),  # scripts/torch_vs_transformers.py
 }
 
 # Each runtime package's facts for 'pmod info --system': its name -> ("module:runtime_info", pip extra).
@@ -47,6 +48,7 @@ def open_engine(path, backend: str = "mlx", dtype: str | None = None, **kwargs) 
     applies a LoRA adapter written by ``pmod lora``; other backends load ``pmod fuse``'s output.
     ``retention=S`` scales every MoD layer's ratio (``pmod.schedule.layer_ratios``): mlx and
     torch take any S > 0; an ONNX/TensorRT export runs at the S it was exported with.
+    ``device="cuda"`` (torch): weights and KV caches on that GPU; default the CPU.
     """
     if backend not in BACKENDS:
         raise PmodError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -56,6 +58,11 @@ def open_engine(path, backend: str = "mlx", dtype: str | None = None, **kwargs) 
         from pmod.schedule import check_retention
 
         kwargs["retention"] = check_retention(kwargs["retention"])
+    if kwargs.get("device") is None:
+        kwargs.pop("device", None)
+    elif backend != "torch":
+        raise PmodError(f"the {backend} backend takes no device (--device is the torch backend's: mlx picks Metal "
+                        "or the CPU itself, an ONNX or TensorRT export says where it runs); drop it")
     if kwargs.get("adapter_path") is None:
         kwargs.pop("adapter_path", None)
     elif backend != "mlx":

@@ -190,11 +190,13 @@ def open_session(model_dir, backend: str = "mlx", dtype: str | None = None, chat
 
 def session_from_args(args) -> Session:
     """The session a command's flags ask for (``--model --backend --dtype --adapter-path --chat-template
-    --retention``)."""
+    --retention --device``)."""
     kwargs = {}
     if getattr(args, "adapter_path", None):
         kwargs["adapter_path"] = args.adapter_path
     if getattr(args, "retention", None) is not None:
         kwargs["retention"] = args.retention
+    if getattr(args, "device", None) is not None:
+        kwargs["device"] = args.device
     return open_session(args.model, backend=args.backend, dtype=args.dtype,
                         chat_template=getattr(args, "chat_template", False), **kwargs)

@@ -81,7 +81,10 @@ class KVBuffers:
 
 
 class HostKV(KVBuffers):
-    """numpy buffers grown in steps of ``step`` entries; new entries are written in place."""
+    """numpy buffers grown in steps of ``step`` entries; new entries are written in place.
+
+    A subclass may keep the same layout in another array library (``_alloc``,
+    ``_alloc_positions`` and ``_positions``; e.g. torch tensors on a GPU)."""
 
     step = 256
 
@@ -89,10 +92,13 @@ class HostKV(KVBuffers):
         super().__init__(num_layers, n_kv, head_dim, dtype)
         self.keys = [self._alloc(0) for _ in range(num_layers)]
         self.values = [self._alloc(0) for _ in range(num_layers)]
-        self.positions = [np.zeros(0, np.int32) for _ in range(num_layers)]
+        self.positions = [self._alloc_positions(0) for _ in range(num_layers)]
 
     def _alloc(self, n: int) -> np.ndarray:
         return np.zeros((n, self.n_kv, self.head_dim), self.dtype)
+
+    def _alloc_positions(self, n: int) -> np.ndarray:
+        return np.zeros(n, np.int32)
 
     def reserve(self, slots: list[int]) -> None:
         for l, s in enumerate(slots):
@@ -104,7 +110,7 @@ class HostKV(KVBuffers):
                 grown = self._alloc(cap)
                 grown[:n] = store[l][:n]
                 store[l] = grown
-            pos = np.zeros(cap, np.int32)
+            pos = self._alloc_positions(cap)
             pos[:n] = self.positions[l][:n]
             self.positions[l] = pos
 

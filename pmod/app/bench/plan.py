@@ -66,6 +66,7 @@ class Plan:
     model: str | None
     preset: str | None
     retention: float = 1.0  # pmod.schedule.layer_ratios' dial for the p-MoD runs
+    device: str | None = None  # the torch runs' (cpu or cuda)
 
 
 def _writable(path, flag: str) -> None:
@@ -120,7 +121,8 @@ def make_plan(args) -> Plan:
     if min(vision) + text == 0:
         raise PmodError("a prefill needs at least one token: raise --vision-tokens or --text-tokens")
     return Plan(ckpt, config, backends, vision, text, args.decode_tokens, args.repeat, args.dtype,
-                bool(args.profile), model, preset, 1.0 if args.retention is None else args.retention)
+                bool(args.profile), model, preset, 1.0 if args.retention is None else args.retention,
+                getattr(args, "device", None))
 
 
 def _one_image_tokens(config: PmodConfig) -> int:

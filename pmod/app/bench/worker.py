@@ -111,6 +111,7 @@ def run_worker(spec: dict) -> None:
     eager = backend in ("mlx", "torch")  # exports carry their own dtype and retention
     retention = spec["retention"]
     engine = open_engine(spec["path"], backend=backend, dtype=spec["dtype"] if eager else None,
+                         device=spec.get("device"),
                          dense=mode == "dense", retention=retention if eager else None)
     config, dense = engine.config, mode == "dense"
     rt = engine.runtime_info()

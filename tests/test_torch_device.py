@@ -1,0 +1,118 @@
+"""The torch backend's ``device`` (CPU here, CUDA where present) and the transformers comparison.
+
+The device path is the same code on the CPU and on a GPU (weights and every layer's KV
+buffers on ``device``), so the CPU run through ``device="cpu"`` tests it here; the CUDA tests
+run where a GPU is, and skip with the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from builders import hf_llama, random_tensors, tiny_config, vision_inputs, write_checkpoint  # noqa: E402
+from reference import Reference  # noqa: E402
+
+import pmod  # noqa: E402
+from pmod.app.cli import main  # noqa: E402
+from pmod.errors import PmodError  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+NO_CUDA = "no CUDA GPU here (torch.cuda.is_available() is False): the CUDA path runs on a machine with one"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    config = tiny_config()
+    tensors = random_tensors(config, seed=7)
+    path = write_checkpoint(tmp_path_factory.mktemp("dev"), config, tensors)
+    vm = np.zeros(30, dtype=bool)
+    vm[5:25] = True
+    ids = np.random.default_rng(8).integers(3, config.vocab_size, 30)
+    return config, tensors, path, vision_inputs(tensors, ids, vm, seed=8), vm
+
+
+def _run(engine, emb, vm, steps=6):
+    logits = [engine.prefill(inputs_embeds=emb, vision_mask=vm)]
+    for _ in range(steps):
+        logits.append(engine.decode(int(np.argmax(logits[-1]))))
+    return np.array(logits)
+
+
+def test_cpu_device_matches_the_reference(model):
+    config, tensors, path, emb, vm = model
+    engine = pmod.open_engine(path, backend="torch", dtype="float32", device="cpu")
+    assert engine.runtime_info()["device"] == "cpu" and engine.cache.keys[0].device.type == "cpu"
+    got = _run(engine, emb, vm)
+    ref = Reference(config.to_dict(), tensors)
+    want = [ref.prefill(embeds=emb, vision_mask=vm)[-1]]
+    for s in got[:-1]:
+        want.append(np.reshape(ref.decode(int(np.argmax(s))), (-1, config.vocab_size))[-1])
+    assert engine.kv_lengths() == ref.kv_lengths()
+    assert np.abs(got - np.array(want)).max() <= 2e-5 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-4), ("float16", 3e-2), ("bfloat16", 1.5e-1)])
+def test_cuda_matches_the_cpu(model, dtype, tol):
+    _, _, path, emb, vm = model
+    cpu = _run(pmod.open_engine(path, backend="torch", dtype="float32"), emb, vm)
+    engine = pmod.open_engine(path, backend="torch", dtype=dtype, device="cuda")
+    assert engine.runtime_info()["device"].startswith("cuda") and engine.cache.keys[0].is_cuda
+    gpu = _run(engine, emb, vm)
+    assert np.abs(gpu - cpu).max() <= tol * max(1.0, np.abs(cpu).max())
+    top2 = np.sort(cpu, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 4 * tol * max(1.0, np.abs(cpu).max())
+    assert (np.argmax(gpu, -1) == np.argmax(cpu, -1))[clear].all()
+
+
+def test_device_errors_are_one_line(model, monkeypatch, capsys):
+    _, _, path, _, _ = model
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PmodError, match="device 'cuda' is not available .*use --device cpu"):
+        pmod.open_engine(path, backend="torch", device="cuda")
+    with pytest.raises(PmodError, match="unknown device 'gpu0'|device 'gpu0' is not supported"):
+        pmod.open_engine(path, backend="torch", device="gpu0")
+    with pytest.raises(PmodError, match="the mlx backend takes no device"):
+        pmod.open_engine(path, backend="mlx", device="cpu")
+    assert main(["generate", "--backend", "torch", "--device", "cuda", "--prompt", "hi"]) == 2  # the embedded model
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "device 'cuda' is not available" in err[0]
+
+
+def test_transformers_peer_is_transformers(model):
+    """The peer the comparison times is transformers' own LLaMA on the checkpoint's weights."""
+    from pmod_export.peer import TransformersPeer
+
+    config, tensors, path, emb, _ = model
+    peer = TransformersPeer(path)
+    first, second = peer.prefill(emb), peer.decode(11)
+    ref = hf_llama(config, tensors)
+    with torch.no_grad():
+        x = torch.from_numpy(emb)[None]
+        want1 = ref(inputs_embeds=x).logits[0, -1].numpy()
+        x2 = torch.cat([x, ref.model.embed_tokens.weight[[11]][None]], dim=1)
+        want2 = ref(inputs_embeds=x2).logits[0, -1].numpy()
+    assert np.abs(first - want1).max() <= 1e-5 and np.abs(second - want2).max() <= 1e-5
+    assert peer.position == len(emb) + 1
+
+
+def test_comparison_script_runs(model, tmp_path, capsys):
+    import json
+
+    from pmod.app.bench.peers import main as compare_main
+
+    _, _, path, _, _ = model
+    out = tmp_path / "rows.json"
+    assert compare_main(["--model", str(path), "--vision-tokens", "0,24", "--text-tokens", "8",
+                         "--decode-tokens", "2", "--repeat", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    for run in ("transformers", "pmod dense", "pmod p-MoD"):
+        assert f"| 24 | {run} |" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["vision_tokens"], r["run"]) for r in rows} == {(n, r) for n in (0, 24)
+                                                             for r in ("transformers", "pmod dense", "pmod p-MoD")}
+    assert all(r["prefill_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+    assert compare_main(["--model", str(path), "--repeat", "0"]) == 2
