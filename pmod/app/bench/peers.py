@@ -5,7 +5,8 @@
 torch backend's dense twin and its p-MoD model: per vision count, the bench's prompt
 (:func:`pmod.app.bench.worker.make_prompt`) is prefilled from an empty context, then decoded
 greedily. Each of the three gets one warm-up, then ``repeat`` passes taken in turn, so that
-drift in the machine's speed reaches all three alike; the table gives medians.
+drift in the machine's speed reaches all three alike, each with the others' contexts
+dropped; the table gives medians.
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ def compare(path, vision: list[int], text: int, n_decode: int, repeat: int, dtyp
     rows = []
     for n in vision:
         emb, mask = make_prompt(models["pmod dense"], n, text)
-        for name, model in models.items():
-            _pass(model, emb, None if name == "transformers" else mask, n_decode)  # warm-up
         times = {name: [] for name in models}
-        for _ in range(repeat):
+        for i in range(1 + repeat):  # a warm-up pass each, then the timed ones
             for name, model in models.items():
-                times[name].append(_pass(model, emb, None if name == "transformers" else mask, n_decode))
+                for other in models.values():  # nothing of another run's context held meanwhile
+                    other.reset()
+                t = _pass(model, emb, None if name == "transformers" else mask, n_decode)
+                if i:
+                    times[name].append(t)
         for name in RUNS:
             prefill = statistics.median(t[0] for t in times[name])
             decode = statistics.median(t[1] for t in times[name])
