@@ -112,6 +112,11 @@ class Engine(ABC):
         Only where :attr:`profiles_layers`."""
         raise PmodError(f"backend {type(self).__name__} has no per-layer profile")
 
+    def device_memory(self, reset: bool = False) -> int | None:
+        """Peak bytes the engine's accelerator allocator has held since the last ``reset=True``
+        call (which starts a new count); None where the engine runs on the CPU."""
+        return None
+
     def kernel_settings(self) -> Iterator[bool | None]:
         """Switch the MoD kernels for a comparison: a runtime with kernels that run now yields
         True (on), then False (their twins in the same framework), and switches them back on

@@ -94,6 +94,18 @@ def test_json_matches_schema(run):
     jsonschema.validate(doc, SCHEMA)
 
 
+def test_gpu_peak_column_only_with_a_device(run):
+    """CPU runs report no device memory, and the table has no GPU column; a row with one shows it."""
+    from pmod.app.bench import format_table
+
+    doc = json.loads(json.dumps(run[3]))
+    assert all(r["peak_device_bytes"] is None for r in doc["results"]) and "GPU peak" not in format_table(doc)
+    doc["results"][0]["peak_device_bytes"] = 3 * 2**30
+    check_schema(doc)
+    table = format_table(doc)
+    assert "GPU peak" in table and "3.0 GiB" in table
+
+
 def test_schema_checker_rejects_bad_documents(run):
     doc = json.loads(json.dumps(run[3]))
     doc["results"][0]["mode"] = "sparse"

@@ -45,6 +45,7 @@ def test_cpu_device_matches_the_reference(model):
     config, tensors, path, emb, vm = model
     engine = pmod.open_engine(path, backend="torch", dtype="float32", device="cpu")
     assert engine.runtime_info()["device"] == "cpu" and engine.cache.keys[0].device.type == "cpu"
+    assert engine.device_memory() is None  # no accelerator allocator to report
     got = _run(engine, emb, vm)
     ref = Reference(config.to_dict(), tensors)
     want = [ref.prefill(embeds=emb, vision_mask=vm)[-1]]
@@ -61,7 +62,9 @@ def test_cuda_matches_the_cpu(model, dtype, tol):
     cpu = _run(pmod.open_engine(path, backend="torch", dtype="float32"), emb, vm)
     engine = pmod.open_engine(path, backend="torch", dtype=dtype, device="cuda")
     assert engine.runtime_info()["device"].startswith("cuda") and engine.cache.keys[0].is_cuda
+    engine.device_memory(reset=True)
     gpu = _run(engine, emb, vm)
+    assert engine.device_memory() >= sum(p.numel() * p.element_size() for p in engine.model.parameters())
     assert np.abs(gpu - cpu).max() <= tol * max(1.0, np.abs(cpu).max())
     top2 = np.sort(cpu, axis=-1)[:, -2:]
     clear = (top2[:, 1] - top2[:, 0]) > 4 * tol * max(1.0, np.abs(cpu).max())

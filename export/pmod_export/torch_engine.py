@@ -139,6 +139,13 @@ class TorchEngine(StaticEngine):
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         return lambda: (torch.mm(a, b), sync())
 
+    def device_memory(self, reset: bool = False) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        if reset:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device))
+
     @contextmanager
     def profiled(self, timer):
         """Forward hooks at the layers' module boundaries, removed on exit. Torch runs eagerly on

@@ -48,8 +48,9 @@ def format_table(doc: dict) -> str:
     if peaks:
         lines.append("float32 matmul peak: " + ", ".join(peaks))
     up = speedups(doc)
+    device = any(r.get("peak_device_bytes") is not None for r in doc["results"])
     head = ["backend", "mode", "vision", "prefill ms", "min-max ms", "speedup", "decode tok/s",
-            "KV held", "KV analytic", "peak mem", "GFLOP/s", "% peak"]
+            "KV held", "KV analytic", "peak mem", *(["GPU peak"] if device else []), "GFLOP/s", "% peak"]
     rows = [head]
     for r in doc["results"]:
         peak = (doc["backends"].get(r["backend"]) or {}).get("matmul_peak")
@@ -59,7 +60,7 @@ def format_table(doc: dict) -> str:
                      f"{fmt_ms(p['min'])}-{fmt_ms(p['max'])}", "-" if s is None else f"{s:.2f}x",
                      "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}",
                      fmt_bytes(r["kv_bytes"]), fmt_bytes(r["kv_bytes_analytic"]), fmt_bytes(r["peak_mem_bytes"]),
-                     f"{r['gflops']:.2f}", f"{100 * r['gflops'] / peak['gflops']:.1f}%" if peak else "-"])
+                     *([fmt_bytes(r.get("peak_device_bytes"))] if device else []), f"{r['gflops']:.2f}", f"{100 * r['gflops'] / peak['gflops']:.1f}%" if peak else "-"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for row in rows:
         lines.append("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)

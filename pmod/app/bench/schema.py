@@ -26,6 +26,7 @@ _ROW = _t("object", required=["backend", "mode", "vision_tokens", "text_tokens",
     "kv_bytes": _COUNT,
     "kv_bytes_analytic": _COUNT,
     "peak_mem_bytes": _t(["integer", "null"], minimum=0),
+    "peak_device_bytes": _t(["integer", "null"], minimum=0),  # a GPU's allocator (optional: older files lack it)
     "prefill_flops": _COUNT,
     "gflops": _t("number", minimum=0),
 })

@@ -121,6 +121,7 @@ def run_worker(spec: dict) -> None:
     for n in spec["vision"]:
         emb, mask = make_prompt(engine, n, n_text, spec["seed"])
         _reset_peak()
+        engine.device_memory(reset=True)
         _one_pass(engine, emb, mask, n_decode)  # warm-up
         passes = [_one_pass(engine, emb, mask, n_decode) for _ in range(spec["repeat"])]
         prefill = [p[0] for p in passes]
@@ -132,7 +133,8 @@ def run_worker(spec: dict) -> None:
             prefill_s=dict(median=median, min=min(prefill), max=max(prefill)),
             decode_tok_s=n_decode / decode_s if n_decode and decode_s > 0 else None,
             kv_bytes=int(passes[-1][2]), kv_bytes_analytic=kv_bytes(config, n, n_text, dense, kv_dtype, retention),
-            peak_mem_bytes=_peak_rss(), prefill_flops=flops["total"], gflops=flops["total"] / median / 1e9))
+            peak_mem_bytes=_peak_rss(), peak_device_bytes=engine.device_memory(), prefill_flops=flops["total"],
+            gflops=flops["total"] / median / 1e9))
         if spec["profile"] and engine.profiles_layers:
             # where MLX runs its Metal kernels, a p-MoD profile runs with them and again with
             # their MLX twins, to show what they save; elsewhere once (kernels: None)
