@@ -6,7 +6,7 @@ decoder parts (``pmod_mlx.language.FAMILIES``, ``pmod_export.decoder.FAMILIES``)
 its tensor names (``pmod.convert.text_names.TEXT_NAMES``). Everything p-MoD adds (routers,
 the schedule, per-layer caches) is family-neutral and written once per runtime.
 
-A new family is therefore one :class:`TextFamily` registered here, one decoder file per
+A new family is therefore one :class:`TextFamily` entry in ``FAMILIES``, one decoder file per
 runtime and its converter mapping. What LLaMA-like families differ in only by flags (the
 q/k/v and o biases, tied embeddings, rope settings) needs no new code at all.
 """
@@ -40,11 +40,6 @@ FAMILIES: dict[str, TextFamily] = {"llama": TextFamily("llama", ("silu",))}
 
 #: Top-level ``model_type`` values whose text family is in the name (official LLaVA and p-MoD).
 MODEL_TYPE_FAMILIES = {"llama": "llama", "llava_llama": "llama", "pmod_llava_llama": "llama"}
-
-
-def register(family: TextFamily) -> None:
-    """Add a text family (a test's toy family, or a new architecture's module at import)."""
-    FAMILIES[family.name] = family
 
 
 def family(name: str) -> TextFamily:

@@ -26,9 +26,6 @@ _NP = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U32": np.uint32, "U8": np.uint8,
     "BOOL": np.bool_,
 }
-_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-          np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
-          np.dtype(np.int8): "I8", np.dtype(np.uint32): "U32", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -124,10 +121,3 @@ def write_file(path: str | Path, tensors: dict[str, tuple[str, np.ndarray]],
             f.write(memoryview(arr).cast("B"))
         f.flush()
         os.fsync(f.fileno())
-
-
-def st_dtype_of(arr: np.ndarray) -> str:
-    try:
-        return _NAMES[arr.dtype]
-    except KeyError:
-        raise PmodError(f"cannot store dtype {arr.dtype} in safetensors") from None

@@ -1,8 +1,8 @@
 """MLX affine quantization for pmod checkpoints (``pmod.quantization`` has the rules and shapes).
 
 The pmod core stays free of MLX: ``pmod convert --quantize``, ``--dequantize`` and
-``pmod fuse`` on a quantized base reach these functions through
-``pmod.quantization.mlx_ops``. Numpy goes in and out; what is stored is exactly what
+``pmod fuse`` on a quantized base get this module as the ``ops`` of
+``pmod.quantization.need_ops`` (the CLI through ``pmod.app.registry.tool("quantization")``). Numpy goes in and out; what is stored is exactly what
 ``mx.quantize`` returns for the weight as held in the checkpoint's dtype.
 """
 

@@ -28,6 +28,7 @@ def test_rehearsal_on_the_cpu(tmp_path, capsys):
     for mode in ("dense", "pmod"):
         check = stages["torch"]["details"][mode]
         assert check["greedy_equal"] and check["kv_lengths_equal"] and check["rel_err"] <= 1e-4
+        assert check["layers_keeping_other_tokens"] == []
     doc = json.loads((out / "bench.json").read_text())
     check_schema(doc)
     assert {(r["mode"], r["vision_tokens"]) for r in doc["results"]} == {("dense", 32), ("pmod", 32)}
@@ -40,9 +41,13 @@ def test_a_failing_stage_does_not_hide_the_others(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("simulated kernel fault\nsecond line")
 
-    monkeypatch.setattr(gpu_check, "_check_against_cpu", broken)
     out = tmp_path / "gc"
+    assert gpu_check.main(ARGS + ["--out", str(out)]) == 0  # a good run's files first, then a failing one
+    monkeypatch.setattr(gpu_check, "_check_against_cpu", broken)
     assert gpu_check.main(ARGS + ["--out", str(out)]) == 1
     stages = _stages(out)
     assert stages["torch"]["status"] == "failed" and stages["torch"]["reason"] == "simulated kernel fault"
-    assert stages["bench"]["status"] == "ok"
+    assert stages["onnx"]["status"] == stages["trt"]["status"] == "skipped"  # still reported
+    assert stages["bench"]["status"] == "skipped" and "torch stage failed" in stages["bench"]["reason"]
+    md = (out / "gpu_check.md").read_text()
+    assert "| torch | failed |" in md and "torch    p-MoD" not in md  # no table from another run

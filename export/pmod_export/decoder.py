@@ -31,7 +31,7 @@ stable sort, in the graph through ONNX TopK's rule.
 Per layer the graph returns the new KV entries of its ``S_l`` slots in the order ``[text,
 vision]``; the live ones come first, so a runtime keeps ``Tt + k_l`` of them. Layer
 semantics (as ``pmod_mlx.language``): router logit ``s = router(x)`` computed in float32
-(float32 weights, whatever the export dtype), weight ``w = scale * f(s) + bias``; kept vision
+(a float32 matmul, whatever the export dtype), weight ``w = scale * f(s) + bias``; kept vision
 token ``h + w * mlp(norm(h))``, skipped vision token ``w * x``, text token a plain layer.
 
 Attention is written per ``target`` (docs/EXPORT.md): eagerly torch's fused
@@ -442,7 +442,7 @@ class StaticDecoder(nn.Module):
             carriers, past = list(rest[:count]), rest[count:]
         elif form == "bucket":
             x_v, pos_v, n_vision, *past = rest
-            live_v = torch.arange(self.size, dtype=torch.int32).unsqueeze(0) < n_vision.unsqueeze(1)  # [1, B]
+            live_v = torch.arange(self.size, dtype=torch.int32, device=n_vision.device).unsqueeze(0) < n_vision.unsqueeze(1)  # [1, B]
         else:
             past = rest
         new = []
@@ -487,7 +487,7 @@ class StaticDecoder(nn.Module):
             live_sel = None
             if form == "bucket":
                 k_true = getattr(self, f"kept_{l}")[n_vision]  # [1] int32: kept_count(n, r_l)
-                live_sel = torch.arange(sum(stages), dtype=torch.int32).unsqueeze(0) < k_true.unsqueeze(1)
+                live_sel = torch.arange(sum(stages), dtype=torch.int32, device=k_true.device).unsqueeze(0) < k_true.unsqueeze(1)
             x = torch.cat([x_t, gather_slots(x_v, idx)], dim=1)
             pos = torch.cat([pos_t, gather_slots(pos_v, idx)], dim=1)
             live = None if live_sel is None else torch.cat([torch.ones_like(pos_t, dtype=torch.bool), live_sel], 1)

@@ -25,7 +25,11 @@ class TransformersPeer:
     """``prefill(inputs_embeds)`` / ``decode(token)`` -> last logits ``[V]`` float32; ``reset()``."""
 
     def __init__(self, path, dtype: str | None = None, device: str | None = None):
-        from transformers import LlamaConfig, LlamaForCausalLM
+        try:
+            from transformers import LlamaConfig, LlamaForCausalLM
+        except ImportError as e:
+            raise PmodError(f"the transformers comparison needs transformers ({e.name or e} is missing): "
+                            "pip install 'pmod[export]'") from None
 
         config, tensors = load_numpy(path)
         if config.text_model_type != "llama" or config.qkv_bias != config.o_bias:
@@ -37,7 +41,7 @@ class TransformersPeer:
             num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
             num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
             max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-            attention_bias=c.attention_bias, mlp_bias=c.mlp_bias, rope_theta=c.rope_theta,
+            attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias, rope_theta=c.rope_theta,
             rope_scaling=dict(c.rope_scaling) if c.rope_scaling else None)
         hf._attn_implementation = "sdpa"
         with self.device:  # built (and initialised) where it runs, then given the checkpoint's weights
@@ -53,8 +57,11 @@ class TransformersPeer:
             raise PmodError(f"{path}: the checkpoint does not fit transformers' LLaMA (missing {missing[:2]}, "
                             f"unexpected {unexpected[:2]}); report this as a bug")
         self.model, self.dtype = model.eval().requires_grad_(False), torch_dtype(dtype)
-        # transformers 5 renamed the cache argument ('past_key_values' still works, with a warning)
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # transformers 5 renamed the cache argument ('past_key_values' still works, with a warning), and
+        # 4.45-4.49 name the last-logits-only argument num_logits_to_keep
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.keep = {k: 1 for k in ("logits_to_keep", "num_logits_to_keep") if k in params}
         self.reset()
 
     def reset(self) -> None:
@@ -66,7 +73,7 @@ class TransformersPeer:
         if self.past is None:
             self.past = DynamicCache()
         with torch.inference_mode():
-            out = self.model(**inputs, **{self.cache_arg: self.past}, use_cache=True, logits_to_keep=1)
+            out = self.model(**inputs, **{self.cache_arg: self.past}, **self.keep, use_cache=True)
         return out.logits[0, -1].float().cpu().numpy()
 
     def prefill(self, inputs_embeds) -> np.ndarray:

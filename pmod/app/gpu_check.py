@@ -6,10 +6,11 @@ does not stop the others), in ``DIR/gpu_check.json`` and ``DIR/gpu_check.md``:
 * ``runtimes``: what each runtime package reports (``pmod info --system``'s facts).
 * ``checkpoint``: the preset's seeded random-weight checkpoint (built once, cached).
 * ``torch``: torch on ``--device`` (dense and p-MoD) against the float32 CPU run of the same
-  weights on a short prompt: largest logit error, and greedy tokens where the top-1 margin is clear.
+  weights on a short prompt: largest logit error, greedy tokens where the top-1 margin is clear, and
+  the layers whose caches hold other tokens (a routing tie decided otherwise in float16).
 * ``onnx``, ``trt``: ONNX Runtime on CUDA and TensorRT, when installed and given a GPU:
   export (and build), then the same comparison; skipped with the reason otherwise.
-* ``bench``: ``pmod bench`` on the backends that passed, dense vs p-MoD at each vision count
+* ``bench``: ``pmod bench`` on the backends that passed (none without torch), dense vs p-MoD at each vision count
   (prefill, decode, KV bytes held against ``pmod.flops``, memory), its JSON, table and plot.
 
 Prepared and tested on the CPU (``--device cpu --preset tiny`` runs in the test suite) so that
@@ -30,10 +31,11 @@ import numpy as np
 
 from pmod.app.bench import check_schema, format_table, make_plan, preset_checkpoint, run_bench, write_plot
 from pmod.app.bench.cache import onnx_export, trt_engines
-from pmod.app.bench.presets import PRESETS
+from pmod.app.bench.presets import RANDOM_PRESETS
 from pmod.app.bench.worker import make_prompt
 from pmod.app.registry import RUNTIMES, load, open_engine
-from pmod.errors import PmodError
+from pmod.errors import PmodError, first_line
+from pmod.format import FLOAT_DTYPES
 
 #: the greedy comparison: tokens decoded after the prompt
 STEPS = 8
@@ -50,6 +52,7 @@ def _compare(engine, ref, emb, mask) -> dict:
         token = int(np.argmax(want[-1]))
         got.append(engine.decode(token))
         want.append(ref.decode(token))
+    held = [np.array_equal(a, b) for a, b in zip(engine.kept_positions(), ref.kept_positions())]
     got, want = np.array(got), np.array(want)
     top2 = np.sort(want, axis=-1)[:, -2:]
     scale = max(1.0, float(np.abs(want).max()))
@@ -57,7 +60,8 @@ def _compare(engine, ref, emb, mask) -> dict:
     clear = (top2[:, 1] - top2[:, 0]) > 4 * err
     same = bool((np.argmax(got, -1) == np.argmax(want, -1))[clear].all())
     return dict(max_abs_err=err, rel_err=err / scale, greedy_equal=same, clear_steps=int(clear.sum()),
-                kv_lengths_equal=engine.kv_lengths() == ref.kv_lengths())
+                kv_lengths_equal=engine.kv_lengths() == ref.kv_lengths(),
+                layers_keeping_other_tokens=[l for l, same in enumerate(held) if not same])
 
 
 def _check_against_cpu(path, backend: str, tol: float, n_vision: int, engine_path=None, **kwargs) -> dict:
@@ -69,6 +73,7 @@ def _check_against_cpu(path, backend: str, tol: float, n_vision: int, engine_pat
         engine = open_engine(engine_path or path, backend=backend, dense=mode == "dense", **kwargs)
         emb, mask = make_prompt(ref, n_vision, 16)
         out[mode] = r = _compare(engine, ref, emb, mask)
+        del ref, engine  # one CPU float32 copy of a 7B model at a time
         if not (r["rel_err"] <= tol and r["greedy_equal"] and r["kv_lengths_equal"]):
             raise PmodError(f"{backend} {mode} differs from the CPU float32 run: {r}")
     return out
@@ -88,8 +93,7 @@ def run_checks(args) -> list[dict]:
         except Skip as e:
             entry = dict(name=name, status="skipped", reason=str(e))
         except Exception as e:  # noqa: BLE001 - a failing stage is reported, the others still run
-            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            entry = dict(name=name, status="failed", reason=line,
+            entry = dict(name=name, status="failed", reason=first_line(e),
                          where=traceback.format_exception(e)[-2].strip() if not isinstance(e, PmodError) else None)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         stages.append(entry)
@@ -102,7 +106,7 @@ def run_checks(args) -> list[dict]:
             try:
                 ctx[name] = load(target, extra, f"the {name} runtime is not installed")()
             except Exception as e:  # noqa: BLE001 - reported per runtime
-                ctx[name] = dict(error=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                ctx[name] = dict(error=first_line(e))
         return {name: ctx[name] for name in RUNTIMES}
 
     def checkpoint():
@@ -150,12 +154,15 @@ def run_checks(args) -> list[dict]:
             print(f"gpu_check: no plot ({e})", file=sys.stderr)
         return dict(backends=backends, rows=len(doc["results"]))
 
+    def no_bench():
+        raise Skip("the torch stage failed: its figures would not be worth having")
+
     stage("runtimes", runtimes)
     if stage("checkpoint", checkpoint):
-        stage("torch", torch_stage)
+        torch_ok = stage("torch", torch_stage)
         ctx["onnx_ok"] = stage("onnx", onnx_stage)
         ctx["trt_ok"] = stage("trt", trt_stage)
-        stage("bench", bench)
+        stage("bench", bench if torch_ok else no_bench)
     return stages
 
 
@@ -164,9 +171,8 @@ def summary(stages: list[dict], args) -> str:
              "| stage | status | seconds | reason |", "|---|---|---:|---|"]
     for s in stages:
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {s.get('reason') or ''} |")
-    bench = args.out / "bench.md"
-    if bench.is_file():
-        lines += ["", bench.read_text().rstrip()]
+    if any(s["name"] == "bench" and s["status"] == "ok" for s in stages):
+        lines += ["", (args.out / "bench.md").read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -174,8 +180,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="directory for gpu_check.json/.md and the bench files")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a rehearsal)")
-    p.add_argument("--preset", default="next-7b", choices=[n for n in PRESETS if n != "embedded"])
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on a GPU, float32 on the CPU")
+    p.add_argument("--preset", default="next-7b", choices=RANDOM_PRESETS)
+    p.add_argument("--dtype", choices=list(FLOAT_DTYPES), help="default: float16 on a GPU, float32 on the CPU")
     p.add_argument("--vision-tokens", default="576,1440,2880")
     p.add_argument("--text-tokens", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -187,6 +193,8 @@ def main(argv=None) -> int:
         print(f"gpu_check.py: error: --vision-tokens takes whole numbers, got {args.vision_tokens!r}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("bench.json", "bench.md", "bench.png"):  # nothing of an earlier run passes for this one's
+        (args.out / name).unlink(missing_ok=True)
     stages = run_checks(args)
     (args.out / "gpu_check.json").write_text(json.dumps(dict(preset=args.preset, device=args.device,
                                                              stages=stages), indent=1) + "\n")

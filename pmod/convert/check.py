@@ -23,7 +23,7 @@ def checked_tensors(mapped: dict[str, SourceTensor], config: PmodConfig, src, so
     for new, t in mapped.items():
         if new not in expected:
             hint = ("vision_config, mm_vision_select_layer?" if new.startswith("vision_tower.")
-                    else "attention_bias, mlp_bias, mod_bias_enabled, mm_patch_merge_type?")
+                    else "attention_bias (qkv_bias, o_bias), mlp_bias, mod_bias_enabled, mm_patch_merge_type?")
             raise PmodError(
                 f"unexpected tensor '{t.name}' in {t.file.name}: config.json does not call for it ({hint})")
     missing = [n for n in expected if n not in mapped]

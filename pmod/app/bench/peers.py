@@ -15,29 +15,17 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 
-from pmod.app.bench.presets import PRESETS, preset_checkpoint
+from pmod.app.bench.presets import RANDOM_PRESETS, preset_checkpoint
 from pmod.app.bench.report import fmt_ms
-from pmod.app.bench.worker import make_prompt
+from pmod.app.bench.worker import make_prompt, timed_pass
 from pmod.app.registry import open_engine, tool
 from pmod.errors import PmodError
+from pmod.format import FLOAT_DTYPES
 
 RUNS = ("transformers", "pmod dense", "pmod p-MoD")
-
-
-def _pass(model, emb, mask, n_decode: int) -> tuple[float, float]:
-    """(prefill s, decode s) of one prefill from an empty context and ``n_decode`` greedy steps."""
-    model.reset()
-    t0 = time.perf_counter()
-    logits = model.prefill(inputs_embeds=emb) if mask is None else model.prefill(inputs_embeds=emb, vision_mask=mask)
-    t1 = time.perf_counter()
-    for _ in range(n_decode):
-        logits = model.decode(int(np.argmax(logits)))
-    return t1 - t0, time.perf_counter() - t1
 
 
 def compare(path, vision: list[int], text: int, n_decode: int, repeat: int, dtype: str, device: str | None) -> list:
@@ -54,7 +42,7 @@ def compare(path, vision: list[int], text: int, n_decode: int, repeat: int, dtyp
             for name, model in models.items():
                 for other in models.values():  # nothing of another run's context held meanwhile
                     other.reset()
-                t = _pass(model, emb, None if name == "transformers" else mask, n_decode)
+                t = timed_pass(model, emb, None if name == "transformers" else mask, n_decode)
                 if i:
                     times[name].append(t)
         for name in RUNS:
@@ -81,13 +69,13 @@ def format_table(rows: list) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="torch_vs_transformers.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="next-proxy", choices=[n for n in PRESETS if n != "embedded"])
+    p.add_argument("--preset", default="next-proxy", choices=RANDOM_PRESETS)
     p.add_argument("--model", help="a pmod checkpoint directory instead of a preset")
     p.add_argument("--vision-tokens", default="576,1440,2880")
     p.add_argument("--text-tokens", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=list(FLOAT_DTYPES))
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)

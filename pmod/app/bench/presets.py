@@ -41,6 +41,10 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+#: the presets with seeded random weights (``embedded`` is the shipped model)
+RANDOM_PRESETS = [n for n in PRESETS if PRESETS[n].config is not None]
+
+
 def _check_room_for_7b(config: PmodConfig, cached: bool, run_dtype: str | None) -> None:
     """Refuse ``next-7b`` before building or loading it when this machine lacks the memory."""
     from pmod.format import expected_tensors

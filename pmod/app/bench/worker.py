@@ -88,17 +88,26 @@ def make_prompt(engine, n_vision: int, n_text: int, seed: int = SEED) -> tuple[n
     return np.concatenate([text[:lead], vision, text[lead:]]), mask
 
 
-def _one_pass(engine, emb, mask, n_decode: int) -> tuple[float, float, int]:
-    """Prefill then greedy decode from an empty context: (prefill s, decode s, KV bytes after the prefill)."""
-    engine.reset()
+def timed_pass(model, emb, mask, n_decode: int, after_prefill=None) -> tuple[float, float]:
+    """Prefill then greedy decode from an empty context: (prefill s, decode s). ``mask`` None: a
+    model that takes embeddings only (the transformers peer); ``after_prefill`` runs untimed."""
+    model.reset()
     t0 = time.perf_counter()
-    logits = engine.prefill(inputs_embeds=emb, vision_mask=mask)
+    logits = model.prefill(inputs_embeds=emb) if mask is None else model.prefill(inputs_embeds=emb, vision_mask=mask)
     t1 = time.perf_counter()
-    held = engine.kv_bytes()
+    if after_prefill is not None:
+        after_prefill()
     t2 = time.perf_counter()
     for _ in range(n_decode):
-        logits = engine.decode(int(np.argmax(logits)))
-    return t1 - t0, time.perf_counter() - t2, held
+        logits = model.decode(int(np.argmax(logits)))
+    return t1 - t0, time.perf_counter() - t2
+
+
+def _one_pass(engine, emb, mask, n_decode: int) -> tuple[float, float, int]:
+    """:func:`timed_pass` and the KV bytes held after the prefill."""
+    held = []
+    prefill, decode = timed_pass(engine, emb, mask, n_decode, lambda: held.append(engine.kv_bytes()))
+    return prefill, decode, held[0]
 
 
 def run_worker(spec: dict) -> None:

@@ -176,8 +176,6 @@ TEMPLATES: dict = {
                    "is the {ref} below or above the {ref2}?"),
 }
 
-_ANSWER_WORDS = ("yes", "no", "left", "right", "top", "bottom", "above", "below")
-
 #: Position questions need the object's centre this far (fraction of the image) off the
 #: middle; relation questions need the two centres this far apart along the axis.
 POSITION_GAP = 0.13
