@@ -14,6 +14,7 @@ import inspect
 import numpy as np
 import torch
 
+from pmod.convert.text_names import llama_source_name
 from pmod.errors import PmodError
 from pmod.format import load_numpy
 
@@ -46,10 +47,9 @@ class TransformersPeer:
         hf._attn_implementation = "sdpa"
         with self.device:  # built (and initialised) where it runs, then given the checkpoint's weights
             model = LlamaForCausalLM(hf).to(torch_dtype(dtype))
-        prefix = "language_model."
-        state = {("lm_head.weight" if n == prefix + "lm_head.weight" else "model." + n[len(prefix):]):
-                 torch.tensor(a, dtype=torch_dtype(dtype), device=self.device)
-                 for n, a in tensors.items() if n.startswith(prefix) and ".router." not in n}
+        hf_names = {n: llama_source_name(n, ()) for n in tensors if ".router." not in n}  # the converter's names
+        state = {hf_names[n]: torch.tensor(a, dtype=torch_dtype(dtype), device=self.device)
+                 for n, a in tensors.items() if hf_names.get(n)}
         if c.tie_word_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         missing, unexpected = model.load_state_dict(state, strict=False)

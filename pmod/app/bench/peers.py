@@ -41,7 +41,8 @@ def compare(path, vision: list[int], text: int, n_decode: int, repeat: int, dtyp
         for i in range(1 + repeat):  # a warm-up pass each, then the timed ones
             for name, model in models.items():
                 for other in models.values():  # nothing of another run's context held meanwhile
-                    other.reset()
+                    if other is not model:  # (timed_pass resets its own)
+                        other.reset()
                 t = timed_pass(model, emb, None if name == "transformers" else mask, n_decode)
                 if i:
                     times[name].append(t)
