@@ -8,11 +8,13 @@ picks the runtime.
 Besides running the model, an engine answers what the benchmark asks of its runtime, so that
 no application imports one: ``runtime_info()`` (device, dtypes, BLAS, kernels),
 ``matmul_probe(n)`` (one float32 matmul on its device), ``profiled(timer)`` (per-layer
-section times, :class:`LayerProbe`) and ``kernel_settings()`` (the MoD kernels on and off).
+section times, :class:`LayerProbe`), ``stopwatch()`` (timing on the engine's device) and
+``kernel_settings()`` (the MoD kernels on and off).
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -68,6 +70,11 @@ class Engine(ABC):
     def decode(self, token_id: int) -> np.ndarray:
         """Append one text token; return its logits [V]."""
 
+    def decode_greedy(self, token_id: int) -> int:
+        """Append one text token; return the argmax of its logits (greedy decoding). A runtime
+        whose logits live on an accelerator picks it there, so only the token reaches the host."""
+        return int(np.argmax(self.decode(token_id)))
+
     @abstractmethod
     def kv_lengths(self) -> list[int]:
         """Tokens held in each layer's KV cache."""
@@ -112,6 +119,12 @@ class Engine(ABC):
         Only where :attr:`profiles_layers`."""
         raise PmodError(f"backend {type(self).__name__} has no per-layer profile")
 
+    def stopwatch(self) -> Stopwatch:
+        """A context that times the engine calls made inside it (``.seconds`` once closed): the
+        wall clock here; a runtime that runs asynchronously on an accelerator times its own
+        work there (torch on CUDA: CUDA events)."""
+        return Stopwatch()
+
     def device_memory(self, reset: bool = False) -> int | None:
         """Peak bytes the engine's accelerator allocator has held since the last ``reset=True``
         call (which starts a new count); None where the engine runs on the CPU."""
@@ -130,6 +143,19 @@ class Engine(ABC):
             raise PmodError(
                 f"prompt too long: {self.position + n_new} tokens exceed the context of "
                 f"{limit} (max_position_embeddings); shorten the prompt")
+
+
+class Stopwatch:
+    """Wall-clock seconds of the block it guards (``with engine.stopwatch() as t: ...; t.seconds``)."""
+
+    seconds: float = 0.0
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
 
 
 def _normalize_inputs(input_ids, inputs_embeds, vision_mask, hidden_size: int):

@@ -267,6 +267,13 @@ def atomic_dir(dst: str | Path):
         raise
 
 
+def write_config(dst: Path, config: PmodConfig, dtype: str) -> None:
+    """``dst/config.json`` of a checkpoint whose float tensors are ``dtype``."""
+    cfg = config.to_dict()
+    cfg["torch_dtype"] = dtype
+    (Path(dst) / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
 def save_checkpoint(dst: str | Path, config: PmodConfig, tensors: dict[str, np.ndarray],
                     dtype: str = "float16", tokenizer_dir: str | Path | None = None,
                     shard_bytes: int = SHARD_BYTES, progress=None) -> Path:
@@ -322,9 +329,7 @@ def save_checkpoint(dst: str | Path, config: PmodConfig, tensors: dict[str, np.n
             total = sum(nbytes_of(n) for n in expected)
             (tmp / INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        cfg = config.to_dict()
-        cfg["torch_dtype"] = dtype
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_config(tmp, config, dtype)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
         validate(tmp)

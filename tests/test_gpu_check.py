@@ -4,6 +4,7 @@ on a lent GPU cannot fail on a typo; and one failing stage leaves the others rep
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,8 @@ def test_rehearsal_on_the_cpu(tmp_path, capsys):
     stages = _stages(out)
     assert [stages[n]["status"] for n in ("runtimes", "checkpoint", "torch", "bench")] == ["ok"] * 4
     assert stages["onnx"]["status"] == stages["trt"]["status"] == "skipped" and "--device cuda" in stages["trt"]["reason"]
+    ckpt = stages["checkpoint"]["details"]
+    assert "seeded" in ckpt["weights"] and sorted(p.name for p in Path(ckpt["path"]).iterdir()) == ["config.json"]
     for mode in ("dense", "pmod"):
         check = stages["torch"]["details"][mode]
         assert check["greedy_equal"] and check["kv_lengths_equal"] and check["rel_err"] <= 1e-4

@@ -119,3 +119,65 @@ def test_comparison_script_runs(model, tmp_path, capsys):
                                                              for r in ("transformers", "pmod dense", "pmod p-MoD")}
     assert all(r["prefill_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
     assert compare_main(["--model", str(path), "--repeat", "0"]) == 2
+
+
+def test_greedy_decode_picks_the_token_on_the_device(model, monkeypatch):
+    """``decode_greedy`` equals the argmax of ``decode``, and its logits never reach the host."""
+    _, _, path, emb, vm = model
+    a, b = (pmod.open_engine(path, backend="torch", dtype="float32") for _ in range(2))
+    token = int(np.argmax(a.prefill(inputs_embeds=emb, vision_mask=vm)))
+    b.prefill(inputs_embeds=emb, vision_mask=vm)
+    monkeypatch.setattr(a, "_host", lambda logits: pytest.fail("greedy decoding copied logits out"))
+    for _ in range(5):
+        want = int(np.argmax(b.decode(token)))
+        got = a.decode_greedy(token)
+        assert got == want
+        token = got
+    assert a.kv_lengths() == b.kv_lengths() and a.position == b.position
+
+
+def test_stopwatch_times_on_the_engine_device(model):
+    from pmod.engine import Stopwatch
+
+    _, _, path, emb, vm = model
+    engine = pmod.open_engine(path, backend="torch", dtype="float32")
+    with engine.stopwatch() as t:
+        engine.prefill(inputs_embeds=emb, vision_mask=vm)
+    assert type(t) is Stopwatch and t.seconds > 0  # the CPU: the wall clock
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_cuda_stopwatch_uses_events(model):
+    from pmod_export.torch_engine import CudaStopwatch
+
+    _, _, path, emb, vm = model
+    engine = pmod.open_engine(path, backend="torch", dtype="float16", device="cuda")
+    with engine.stopwatch() as t:
+        engine.prefill(inputs_embeds=emb, vision_mask=vm)
+    assert isinstance(t, CudaStopwatch) and t.seconds > 0
+
+
+def test_seeded_weights_are_one_model_on_every_device_and_dtype(model, tmp_path):
+    """A config-only directory opened with ``seeded_weights``: the same seed gives the same
+    weights (float32 exactly, bfloat16 their rounding); another seed, others; mlx refuses."""
+    from pmod.format import write_config
+
+    config = model[0]
+    write_config(tmp_path, config, "float32")
+    a = pmod.open_engine(tmp_path, backend="torch", seeded_weights=3)
+    b = pmod.open_engine(tmp_path, backend="torch", seeded_weights=3, device="cpu")
+    c = pmod.open_engine(tmp_path, backend="torch", dtype="bfloat16", seeded_weights=3)
+    d = pmod.open_engine(tmp_path, backend="torch", seeded_weights=4)
+    sa, sb, sc, sd = (e.model.state_dict() for e in (a, b, c, d))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(sa[k].to(torch.bfloat16), sc[k]) for k in sa)
+    w = "language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(sa[w], sd[w])
+    routers = [k for k in sa if k.endswith("router.weight")]
+    assert routers and all(sa[k].std() > 0 for k in routers)  # spread: a real top-k, not ties
+    std = float(sa[w].std())
+    assert abs(std - config.hidden_size ** -0.5) < 0.2 * config.hidden_size ** -0.5  # pmod.init's scale
+    with pytest.raises(PmodError, match="the mlx backend takes no seeded_weights"):
+        pmod.open_engine(tmp_path, backend="mlx", seeded_weights=3)
+    with pytest.raises(PmodError, match="holds no model.safetensors"):
+        pmod.open_engine(tmp_path, backend="torch")  # without the seed it needs the weights

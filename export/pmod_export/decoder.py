@@ -173,27 +173,40 @@ def blocked_attention(q, k, v, past_k, past_v, past_pos, pos, heads: int, head_d
     return torch.index_select(torch.cat(outs, 1), 1, back)
 
 
-def eager_attention(q, k, v, past_k, past_v, past_pos, pos, live):
+def eager_attention(q, k, v, past_k, past_v, past_pos, pos, live, order):
     """Attention of the slots ``q, k, v`` ``[1, S, heads or kv, D]`` over the past and themselves,
     causal by position, with torch's fused kernels (what the torch backend runs).
 
     A first chunk with every slot live (a prompt's prefill, dense or MoD) is put in position
-    order, where "key position <= query position" is the plain causal mask: the kernel then
-    skips the masked half (as transformers' sdpa path does) and no mask is built. One query
-    (decoding) sees every key, so it needs no mask either. Anything else gets the position mask.
+    order (``order``: :func:`position_order` of its slots, None where they are in it already),
+    where "key position <= query position" is the plain causal mask: the kernel then skips the
+    masked half (as transformers' sdpa path does) and no mask is built. One query (decoding)
+    sees every key, so it needs no mask either. Anything else gets the position mask.
     Returns ``[1, S, heads * D]`` in slot order.
     """
     g = q.shape[2] // k.shape[2]
     if live is None and past_k.shape[1] == 0 and q.shape[1] > 1:
-        order = torch.argsort(pos[0])
-        q, k, v = q[:, order], repeat_kv(k[:, order], g), repeat_kv(v[:, order], g)
+        if order is not None:
+            q, k, v = q[:, order[0]], k[:, order[0]], v[:, order[0]]
+        k, v = repeat_kv(k, g), repeat_kv(v, g)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return out.transpose(1, 2)[:, torch.argsort(order)].flatten(2)
+        out = out.transpose(1, 2)
+        return (out if order is None else out[:, order[1]]).flatten(2)
     keys, values = repeat_kv(torch.cat([past_k, k], dim=1), g), repeat_kv(torch.cat([past_v, v], dim=1), g)
     mask = None if live is None and q.shape[1] == 1 else position_mask(past_pos, pos, live).unsqueeze(1)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
+
+
+def position_order(pos) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(order, back)``: the permutation that puts slots ``pos`` ``[1, S]`` in position order and
+    its inverse, for :func:`eager_attention`; computed once per set of slots (a chunk's dense
+    layers share theirs), and never in an export."""
+    if exporting() or pos.shape[1] < 2:
+        return None
+    order = torch.argsort(pos[0])
+    return order, torch.argsort(order)
 
 
 def position_mask(past_pos, pos, live):
@@ -217,10 +230,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.n_kv * D, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=config.o_bias)
 
-    def forward(self, x, cos, sin, pos, live, past_k, past_v, past_pos, target, blocked=False):
+    def forward(self, x, cos, sin, order, pos, live, past_k, past_v, past_pos, target, blocked=False):
         """Attend slots ``x`` ``[1, S, H]`` over the past entries and themselves.
 
-        ``pos`` int32 ``[1, S]``; ``live`` bool ``[1, S]`` (None: every slot live); past
+        ``cos, sin, order``: the slots' RoPE rows and :func:`position_order`; ``pos`` int32 ``[1, S]``; ``live`` bool ``[1, S]`` (None: every slot live); past
         ``[1, P, n_kv, D]`` and ``[1, P]`` (all live, all before the chunk). ``blocked``: an
         ``ort`` export writes :func:`blocked_attention` (every slot live). Returns the output
         and the slots' post-RoPE K and V.
@@ -230,7 +243,7 @@ class Attention(nn.Module):
         k = apply_rope(self.k_proj(x).reshape(1, -1, nkv, D), cos, sin)
         v = self.v_proj(x).reshape(1, -1, nkv, D)
         if not exporting():
-            return self.o_proj(eager_attention(q, k, v, past_k, past_v, past_pos, pos, live)), k, v
+            return self.o_proj(eager_attention(q, k, v, past_k, past_v, past_pos, pos, live, order)), k, v
         if blocked and target == "ort" and live is None:
             g = nh // nkv
             out = blocked_attention(q, repeat_kv(k, g), repeat_kv(v, g), repeat_kv(past_k, g), repeat_kv(past_v, g),
@@ -429,8 +442,9 @@ class StaticDecoder(nn.Module):
                     table = [kept_count(n, r) for n in range(size + 1)]
                     self.register_buffer(f"kept_{l}", torch.tensor(table, dtype=torch.int32), persistent=False)
 
-    def _tables(self, pos):
-        return self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # [1, S, 1, D]
+    def _tables(self, pos, ordered: bool = False):
+        """The slots' RoPE rows ``[1, S, 1, D]`` and position order (``ordered``: they are in it)."""
+        return self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2), None if ordered else position_order(pos)
 
     def forward(self, text_embeds, text_positions, *rest):
         form, target = self.form, self.target
@@ -446,7 +460,7 @@ class StaticDecoder(nn.Module):
         else:
             past = rest
         new = []
-        tables_t = self._tables(pos_t)  # RoPE rows of the text slots, and of a dense layer's
+        tables_t = self._tables(pos_t, ordered=True)  # text slots: consecutive positions (the chunk plan)
         if form != "text":
             pos_d = torch.cat([pos_t, pos_v], dim=1)
             tables_d = self._tables(pos_d)

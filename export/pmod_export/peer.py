@@ -15,15 +15,17 @@ import numpy as np
 import torch
 
 from pmod.convert.text_names import llama_source_name
+from pmod.engine import Stopwatch
 from pmod.errors import PmodError
 from pmod.format import load_numpy
 
 from .model import torch_dtype
-from .torch_engine import torch_device
+from .torch_engine import CudaStopwatch, torch_device
 
 
 class TransformersPeer:
-    """``prefill(inputs_embeds)`` / ``decode(token)`` -> last logits ``[V]`` float32; ``reset()``."""
+    """``prefill(inputs_embeds)`` / ``decode(token)`` -> last logits ``[V]`` float32; ``decode_greedy``,
+    ``stopwatch`` and ``reset()`` as an engine has them."""
 
     def __init__(self, path, dtype: str | None = None, device: str | None = None):
         try:
@@ -67,20 +69,29 @@ class TransformersPeer:
     def reset(self) -> None:
         self.past, self.position = None, 0
 
-    def _run(self, **inputs) -> np.ndarray:
+    def _run(self, **inputs) -> torch.Tensor:
         from transformers import DynamicCache
 
         if self.past is None:
             self.past = DynamicCache()
         with torch.inference_mode():
             out = self.model(**inputs, **{self.cache_arg: self.past}, **self.keep, use_cache=True)
-        return out.logits[0, -1].float().cpu().numpy()
+        return out.logits[0, -1]
 
     def prefill(self, inputs_embeds) -> np.ndarray:
         x = torch.from_numpy(np.asarray(inputs_embeds)).to(self.device, self.dtype)[None]
         self.position += x.shape[1]
-        return self._run(inputs_embeds=x)
+        return self._run(inputs_embeds=x).float().cpu().numpy()
 
-    def decode(self, token_id: int) -> np.ndarray:
+    def _step(self, token_id: int) -> torch.Tensor:
         self.position += 1
         return self._run(input_ids=torch.tensor([[int(token_id)]], device=self.device))
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._step(token_id).float().cpu().numpy()
+
+    def decode_greedy(self, token_id: int) -> int:
+        return int(self._step(token_id).argmax())
+
+    def stopwatch(self) -> Stopwatch:
+        return CudaStopwatch(self.device) if self.device.type == "cuda" else Stopwatch()

@@ -7,7 +7,9 @@ every layer's KV buffers on that GPU; a step then moves only its small plan arra
 the logits out. Default: the CPU. ``max_vision_tokens=N``
 refuses chunks over ``N`` as an export for ``N`` would; left at None there is no limit.
 ``retention=S`` runs the MoD layers at that dial (``pmod.schedule.layer_ratios``), as
-``pmod export onnx --retention S`` would build them.
+``pmod export onnx --retention S`` would build them. ``seeded_weights=SEED`` draws seeded random
+weights on the device instead of reading any (``pmod_export.model.draw_weights``; a directory
+with only a config.json will do): the GPU check's 7B model.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from pmod.engine import Engine
+from pmod.engine import Engine, Stopwatch
 from pmod.errors import PmodError
 from pmod.schedule import check_retention
 from pmod.static.cache import HostKV
@@ -70,20 +72,39 @@ def torch_device(name: str | None) -> torch.device:
     return device
 
 
+class CudaStopwatch(Stopwatch):
+    """Seconds between two CUDA events recorded on the device's current stream around the block
+    (the GPU's own clock; the host waits for the closing event)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._end = torch.cuda.Event(enable_timing=True)
+        self._start.record(torch.cuda.current_stream(self.device))
+        return self
+
+    def __exit__(self, *exc):
+        self._end.record(torch.cuda.current_stream(self.device))
+        self._end.synchronize()
+        self.seconds = self._start.elapsed_time(self._end) / 1e3
+
+
 class TorchEngine(StaticEngine):
     np_dtype = np.dtype(np.float32)  # the chunk plan's arrays; cast to the model dtype on the way in
     check_room = Engine.check_room  # the checkpoint's context, not an export's
     profiles_layers = True
 
     def __init__(self, path, dtype: str | None = None, max_vision_tokens: int | None = None, dense: bool = False,
-                 retention: float | None = None, device: str | None = None):
+                 retention: float | None = None, device: str | None = None, seeded_weights: int | None = None):
         torch_loader.check()
         self.device = torch_device(device)
         self.profiles_layers = self.device.type == "cpu"  # the hooks read the clock as the CPU finishes
         if max_vision_tokens is not None and (not isinstance(max_vision_tokens, int) or max_vision_tokens < 0):
             raise PmodError(f"max_vision_tokens must be a non-negative integer, got {max_vision_tokens!r}")
         self.retention = check_retention(1.0 if retention is None else retention)
-        self.model = load(path, dtype, self.device)
+        self.model = load(path, dtype, self.device, seeded_weights)
         self.dense = dense  # run every layer over every token: the plain-LLaVA twin, routers unused
         self.config = c = self.model.config
         self.dtype = self.model.dtype
@@ -92,7 +113,7 @@ class TorchEngine(StaticEngine):
         self.cache = TorchKV(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self._position = 0
 
-    def _run_decoder(self, step: Step) -> np.ndarray:
+    def _run_decoder(self, step: Step) -> torch.Tensor:
         form = "text" if step.graph == "decode" else "shape"
         decoder = self.model.decoder(form, self.max_vision if form == "shape" else None, retention=self.retention)
         inputs = [self._tensor(a) for a in step.feeds.values()]
@@ -103,7 +124,13 @@ class TorchEngine(StaticEngine):
             for l, s in enumerate(step.slots):
                 for dst, src in zip(self.cache.tail_arrays(l, s), out[1 + 3 * l: 4 + 3 * l]):
                     dst.copy_(src)
-        return out[0][0].float().cpu().numpy()
+        return out[0][0]  # [V] float32, on the device
+
+    def _host(self, logits: torch.Tensor) -> np.ndarray:
+        return logits.cpu().numpy()
+
+    def _argmax(self, logits: torch.Tensor) -> int:
+        return int(logits.argmax())  # the token alone leaves the device
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         """A host array on the engine's device, floats in the model's dtype."""
@@ -138,6 +165,9 @@ class TorchEngine(StaticEngine):
         a, b = (torch.from_numpy(rng.standard_normal((n, n), dtype=np.float32)).to(self.device) for _ in range(2))
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         return lambda: (torch.mm(a, b), sync())
+
+    def stopwatch(self):
+        return CudaStopwatch(self.device) if self.device.type == "cuda" else super().stopwatch()
 
     def device_memory(self, reset: bool = False) -> int | None:
         if self.device.type != "cuda":

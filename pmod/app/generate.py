@@ -38,6 +38,11 @@ class Sampler:
         self.args = args
         self.rng = np.random.default_rng(args.seed)
 
+    @property
+    def greedy(self) -> bool:
+        """Whether this picks the argmax (an engine can then pick it where its logits are)."""
+        return self.args.temp == 0
+
     def __call__(self, logits: np.ndarray) -> int:
         if self.args.temp == 0:
             return int(np.argmax(logits))
@@ -98,9 +103,9 @@ def generate_tokens(engine: Engine, input_ids=None, *, inputs_embeds=None, visio
     eos = set(int(e) for e in eos_ids)
     stats.finish_reason = "length"
     pending = None
+    token = sampler(logits)
     try:
         for i in range(max_tokens):
-            token = sampler(logits)
             if token in eos:
                 stats.finish_reason = "stop"
                 break
@@ -113,7 +118,7 @@ def generate_tokens(engine: Engine, input_ids=None, *, inputs_embeds=None, visio
                 stats.finish_reason = "context"
                 break
             t1 = time.perf_counter()
-            logits = engine.decode(token)
+            token = engine.decode_greedy(token) if sampler.greedy else sampler(engine.decode(token))
             pending = None
             stats.decode_s += time.perf_counter() - t1
             stats.decode_steps += 1

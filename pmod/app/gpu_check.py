@@ -4,14 +4,18 @@ Stages, each reported ``ok``, ``failed`` or ``skipped`` with its reason (one fai
 does not stop the others), in ``DIR/gpu_check.json`` and ``DIR/gpu_check.md``:
 
 * ``runtimes``: what each runtime package reports (``pmod info --system``'s facts).
-* ``checkpoint``: the preset's seeded random-weight checkpoint (built once, cached).
+* ``checkpoint``: the preset's config alone: torch draws its seeded random weights on the device
+  (``seeded_weights``; a 7B model in seconds, nothing built on the host or the disk).
 * ``torch``: torch on ``--device`` (dense and p-MoD) against the float32 CPU run of the same
-  weights on a short prompt: largest logit error, greedy tokens where the top-1 margin is clear, and
+  weights (drawn the same way, then moved to the CPU) on a short prompt: largest logit error, greedy tokens where the top-1 margin is clear, and
   the layers whose caches hold other tokens (a routing tie decided otherwise in float16).
-* ``onnx``, ``trt``: ONNX Runtime on CUDA and TensorRT, when installed and given a GPU:
-  export (and build), then the same comparison; skipped with the reason otherwise.
+* ``onnx``, ``trt``: ONNX Runtime on CUDA and TensorRT, when installed and given a GPU: the
+  preset's checkpoint built (once, cached), exported (and built), then the same comparison
+  against torch on the CPU on that checkpoint; skipped with the reason otherwise.
 * ``bench``: ``pmod bench`` on the backends that passed (none without torch), dense vs p-MoD at each vision count
-  (prefill, decode, KV bytes held against ``pmod.flops``, memory), its JSON, table and plot.
+  (prefill and decode timed by CUDA events on a GPU, KV bytes held against ``pmod.flops``,
+  memory), its JSON, table and plot; torch alone on the drawn weights, with ONNX Runtime or
+  TensorRT on the built checkpoint.
 
 Prepared and tested on the CPU (``--device cpu --preset tiny`` runs in the test suite) so that
 a GPU only has to run it: ``--device cuda --preset next-7b`` there.
@@ -31,7 +35,7 @@ import numpy as np
 
 from pmod.app.bench import check_schema, format_table, make_plan, preset_checkpoint, run_bench, write_plot
 from pmod.app.bench.cache import onnx_export, trt_engines
-from pmod.app.bench.presets import RANDOM_PRESETS
+from pmod.app.bench.presets import RANDOM_PRESETS, SEED, preset_config_dir
 from pmod.app.bench.worker import make_prompt
 from pmod.app.registry import RUNTIMES, load, open_engine
 from pmod.errors import PmodError, first_line
@@ -64,13 +68,15 @@ def _compare(engine, ref, emb, mask) -> dict:
                 layers_keeping_other_tokens=[l for l, same in enumerate(held) if not same])
 
 
-def _check_against_cpu(path, backend: str, tol: float, n_vision: int, engine_path=None, **kwargs) -> dict:
+def _check_against_cpu(path, backend: str, tol: float, n_vision: int, engine_path=None, seeded: bool = False,
+                       **kwargs) -> dict:
     """``backend`` (dense and p-MoD; opened on ``engine_path``, an export of ``path``, where
-    given) against torch float32 on the CPU on ``path``, on one short prompt."""
-    out = {}
+    given) against torch float32 on the CPU on ``path`` (``seeded``: both draw the preset's
+    weights), on one short prompt."""
+    out, seed = {}, dict(seeded_weights=SEED) if seeded else {}
     for mode in ("dense", "pmod"):
-        ref = open_engine(path, backend="torch", dtype="float32", dense=mode == "dense")
-        engine = open_engine(engine_path or path, backend=backend, dense=mode == "dense", **kwargs)
+        ref = open_engine(path, backend="torch", dtype="float32", dense=mode == "dense", **seed)
+        engine = open_engine(engine_path or path, backend=backend, dense=mode == "dense", **seed, **kwargs)
         emb, mask = make_prompt(ref, n_vision, 16)
         out[mode] = r = _compare(engine, ref, emb, mask)
         del ref, engine  # one CPU float32 copy of a 7B model at a time
@@ -110,13 +116,19 @@ def run_checks(args) -> list[dict]:
         return {name: ctx[name] for name in RUNTIMES}
 
     def checkpoint():
-        ctx["path"] = path = preset_checkpoint(args.preset, dtype)
-        return dict(path=str(path))
+        ctx["path"] = path = preset_config_dir(args.preset)
+        return dict(path=str(path), weights="seeded, drawn by torch on the device")
+
+    def built():
+        """The preset's checkpoint on disk, for the exported backends (built on first use)."""
+        if "built" not in ctx:
+            ctx["built"] = preset_checkpoint(args.preset, dtype)
+        return ctx["built"]
 
     n_check = min(min(args.vision), 64)  # a short prompt: the float32 CPU run of a 7B model stays quick
 
     def torch_stage():
-        return _check_against_cpu(ctx["path"], "torch", tol, n_check, dtype=dtype, device=args.device)
+        return _check_against_cpu(ctx["path"], "torch", tol, n_check, seeded=True, dtype=dtype, device=args.device)
 
     def onnx_stage():
         if not gpu:
@@ -127,23 +139,23 @@ def run_checks(args) -> list[dict]:
         if "CUDAExecutionProvider" not in providers:
             raise Skip(f"onnxruntime has no CUDAExecutionProvider (providers: {', '.join(providers)}): "
                        "pip install onnxruntime-gpu")
-        export = onnx_export(ctx["path"], max(args.vision), dtype, 1.0)
-        return _check_against_cpu(ctx["path"], "onnx", tol, n_check, engine_path=export)
+        export = onnx_export(built(), max(args.vision), dtype, 1.0)
+        return _check_against_cpu(built(), "onnx", tol, n_check, engine_path=export)
 
     def trt_stage():
         if not gpu:
             raise Skip("TensorRT needs --device cuda")
         if not ctx.get("trt", {}).get("tensorrt"):
             raise Skip("tensorrt is not installed (pip install 'pmod[trt]' on a machine with an NVIDIA GPU)")
-        engines = trt_engines(ctx["path"], max(args.vision), dtype, 1.0)
-        return _check_against_cpu(ctx["path"], "trt", tol, n_check, engine_path=engines)
+        engines = trt_engines(built(), max(args.vision), dtype, 1.0)
+        return _check_against_cpu(built(), "trt", tol, n_check, engine_path=engines)
 
     def bench():
         backends = ["torch"] + [b for b in ("onnx", "trt") if ctx.get(f"{b}_ok")]
         plan = make_plan(SimpleNamespace(
             model=None, preset=args.preset, backend=",".join(backends), vision_tokens=",".join(map(str, args.vision)),
             text_tokens=args.text_tokens, decode_tokens=args.decode_tokens, repeat=args.repeat, dtype=dtype,
-            profile=False, retention=None, json=None, plot=None, device=args.device))
+            profile=False, retention=None, json=None, plot=None, device=args.device, seeded_weights=backends == ["torch"]))
         doc = run_bench(plan)
         check_schema(doc)
         (args.out / "bench.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -49,6 +49,8 @@ def open_engine(path, backend: str = "mlx", dtype: str | None = None, **kwargs) 
     ``retention=S`` scales every MoD layer's ratio (``pmod.schedule.layer_ratios``): mlx and
     torch take any S > 0; an ONNX/TensorRT export runs at the S it was exported with.
     ``device="cuda"`` (torch): weights and KV caches on that GPU; default the CPU.
+    ``seeded_weights=SEED`` (torch): seeded random weights drawn on the device instead of the
+    checkpoint's (a directory with only its config.json will do; the GPU check's 7B model).
     """
     if backend not in BACKENDS:
         raise PmodError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -63,6 +65,11 @@ def open_engine(path, backend: str = "mlx", dtype: str | None = None, **kwargs) 
     elif backend != "torch":
         raise PmodError(f"the {backend} backend takes no device (--device is the torch backend's: mlx picks Metal "
                         "or the CPU itself, an ONNX or TensorRT export says where it runs); drop it")
+    if kwargs.get("seeded_weights") is None:
+        kwargs.pop("seeded_weights", None)
+    elif backend != "torch":
+        raise PmodError(f"the {backend} backend takes no seeded_weights (only torch draws weights on its device): "
+                        "build the checkpoint (pmod.app.bench.presets.preset_checkpoint) and open that")
     if kwargs.get("adapter_path") is None:
         kwargs.pop("adapter_path", None)
     elif backend != "mlx":

@@ -87,6 +87,16 @@ class StaticEngine(Engine):
 
     # ------------------------------------------------------------------ running
     def prefill(self, input_ids=None, inputs_embeds=None, vision_mask=None) -> np.ndarray:
+        return self._host(self._advance(input_ids, inputs_embeds, vision_mask))
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self.prefill(input_ids=np.array([int(token_id)], dtype=np.int32))
+
+    def decode_greedy(self, token_id: int) -> int:
+        return self._argmax(self._advance(np.array([int(token_id)], dtype=np.int32), None, None))
+
+    def _advance(self, input_ids, inputs_embeds, vision_mask):
+        """Run one chunk onto the context; its last logits as :meth:`_run_decoder` gives them."""
         ids, emb, mask = _normalize_inputs(input_ids, inputs_embeds, vision_mask, self.config.hidden_size)
         self.check_room(mask.shape[0])
         emb = self.embed(ids) if emb is None else np.asarray(emb, dtype=np.float32)
@@ -99,8 +109,13 @@ class StaticEngine(Engine):
         self._position += step.length
         return logits
 
-    def decode(self, token_id: int) -> np.ndarray:
-        return self.prefill(input_ids=np.array([int(token_id)], dtype=np.int32))
+    def _host(self, logits) -> np.ndarray:
+        """:meth:`_run_decoder`'s logits as a float32 numpy ``[V]`` (a device backend copies them here)."""
+        return logits
+
+    def _argmax(self, logits) -> int:
+        """The greedy token of :meth:`_run_decoder`'s logits (a device backend picks it there)."""
+        return int(np.argmax(self._host(logits)))
 
     def embed(self, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
@@ -123,8 +138,9 @@ class StaticEngine(Engine):
         index = np.asarray(image.feature_index(), dtype=np.int32)
         return self._run_vision(np.ascontiguousarray(pixels.astype(self.np_dtype)), index).astype(np.float32)
 
-    def _run_decoder(self, step: Step) -> np.ndarray:
-        """Run ``step.graph`` with ``self.cache`` bound (``bindings(step.slots)``); the logits ``[V]`` float32."""
+    def _run_decoder(self, step: Step):
+        """Run ``step.graph`` with ``self.cache`` bound (``bindings(step.slots)``); the logits ``[V]``
+        (float32 numpy, or where the backend keeps them: see :meth:`_host`)."""
         raise NotImplementedError
 
     def _run_embed(self, ids: np.ndarray) -> np.ndarray:

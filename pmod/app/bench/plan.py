@@ -9,7 +9,7 @@ from pathlib import Path
 from pmod.config import PmodConfig
 from pmod.app.registry import BACKENDS
 from pmod.errors import PmodError
-from pmod.app.bench.presets import PRESETS, preset_checkpoint
+from pmod.app.bench.presets import PRESETS, RANDOM_PRESETS, preset_checkpoint, preset_config_dir
 from pmod.app.bench.processes import note
 
 MODES = ("dense", "pmod")
@@ -67,6 +67,7 @@ class Plan:
     preset: str | None
     retention: float = 1.0  # pmod.schedule.layer_ratios' dial for the p-MoD runs
     device: str | None = None  # the torch runs' (cpu or cuda)
+    seeded: bool = False  # torch draws the preset's weights on its device (checkpoint: a config only)
 
 
 def _writable(path, flag: str) -> None:
@@ -97,8 +98,11 @@ def make_plan(args) -> Plan:
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise PmodError("--plot needs matplotlib: pip install matplotlib")
 
+    seeded = bool(getattr(args, "seeded_weights", False))  # the GPU check's, not a pmod bench flag
+    if seeded and (preset not in RANDOM_PRESETS or backends != ["torch"]):
+        raise PmodError("seeded weights are drawn by the torch backend for a random preset only")
     if preset is not None:
-        ckpt = preset_checkpoint(preset, args.dtype)
+        ckpt = preset_config_dir(preset) if seeded else preset_checkpoint(preset, args.dtype)
         config = read_config(ckpt)
         p = PRESETS[preset]
         if vision is None:
@@ -122,7 +126,7 @@ def make_plan(args) -> Plan:
         raise PmodError("a prefill needs at least one token: raise --vision-tokens or --text-tokens")
     return Plan(ckpt, config, backends, vision, text, args.decode_tokens, args.repeat, args.dtype,
                 bool(args.profile), model, preset, 1.0 if args.retention is None else args.retention,
-                getattr(args, "device", None))
+                getattr(args, "device", None), seeded)
 
 
 def _one_image_tokens(config: PmodConfig) -> int:

@@ -14,6 +14,7 @@ from pmod.app.bench.cache import cache_root, digest
 from pmod.app.bench.processes import note, proc_kib
 
 SEED = 0  # of the preset weights and of the benchmark prompts
+INIT = 2  # the preset weights' scheme (2: pmod.init with spread routers), part of their cache key
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,17 @@ def _check_room_for_7b(config: PmodConfig, cached: bool, run_dtype: str | None) 
                         f"{avail / 2**30:.0f} GiB is available here: try --preset next-proxy")
 
 
-def preset_checkpoint(name: str, run_dtype: str | None = None) -> Path:
-    """The checkpoint of preset ``name``, built once with seeded random weights and cached."""
+def _preset_config(name: str) -> tuple[PmodConfig, str]:
+    """A random preset's config and the key of its builds."""
     if name not in PRESETS:
         raise PmodError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    config = PmodConfig(**PRESETS[name].config)
+    return config, digest(dict(config=config.to_dict(), seed=SEED, dtype=PRESETS[name].weights_dtype,
+                               format=FORMAT_VERSION, init=INIT))
+
+
+def preset_checkpoint(name: str, run_dtype: str | None = None) -> Path:
+    """The checkpoint of preset ``name``, built once with seeded random weights and cached."""
     if name == "embedded":
         from pmod.app.models import resolve_model
 
@@ -70,9 +78,7 @@ def preset_checkpoint(name: str, run_dtype: str | None = None) -> Path:
     from pmod.format import save_checkpoint
     from pmod.init import random_weights
 
-    preset = PRESETS[name]
-    config = PmodConfig(**preset.config)
-    key = digest(dict(config=config.to_dict(), seed=SEED, dtype=preset.weights_dtype, format=FORMAT_VERSION))
+    config, key = _preset_config(name)
     path = cache_root() / "bench" / "presets" / f"{name}-{key}"
     cached = (path / "config.json").is_file()  # save_checkpoint renames a complete directory into place
     if name == "next-7b":
@@ -80,15 +86,28 @@ def preset_checkpoint(name: str, run_dtype: str | None = None) -> Path:
     if cached:
         return path
     note(f"building the {name} checkpoint once (seeded random weights) in {path}")
-    tensors = random_weights(config, seed=SEED)
-    # pmod.init starts routers at 0 (every score ties); spread them so routing picks real top-k.
-    rng = np.random.default_rng(SEED + 1)
-    for tname, a in tensors.items():
-        if tname.endswith("router.weight"):
-            tensors[tname] = (rng.standard_normal(a.shape) / np.sqrt(a.shape[-1])).astype(np.float32)
+    # pmod.init starts routers at 0 (every score ties); spread, routing picks a real top-k.
+    tensors = random_weights(config, seed=SEED, spread_routers=True)
     try:
-        return save_checkpoint(path, config, tensors, dtype=preset.weights_dtype)
+        return save_checkpoint(path, config, tensors, dtype=PRESETS[name].weights_dtype)
     except PmodError:
         if (path / "config.json").is_file():  # another run built it meanwhile
             return path
         raise
+
+
+def preset_config_dir(name: str) -> Path:
+    """A directory holding only preset ``name``'s ``config.json``: the torch backend opens it with
+    ``seeded_weights=SEED`` and draws the weights on its device (no checkpoint is built)."""
+    from pmod.format import atomic_dir, write_config
+
+    config, key = _preset_config(name)
+    path = cache_root() / "bench" / "presets" / f"{name}-{key}-config"
+    if not (path / "config.json").is_file():
+        try:
+            with atomic_dir(path) as tmp:
+                write_config(tmp, config, PRESETS[name].weights_dtype)
+        except PmodError:
+            if not (path / "config.json").is_file():  # not another run's meanwhile
+                raise
+    return path

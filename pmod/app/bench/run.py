@@ -88,7 +88,8 @@ def run_bench(plan: Plan) -> dict:
                 spec = dict(backend=b, mode=mode, path=str(path), dtype=plan.dtype, vision=plan.vision,
                             text=plan.text, decode=plan.decode, repeat=plan.repeat, profile=plan.profile,
                             retention=plan.retention, peak=i == 0, seed=SEED,
-                            device=plan.device if b == "torch" else None)
+                            device=plan.device if b == "torch" else None,
+                            seeded_weights=SEED if plan.seeded else None)
                 got = spawn_worker(spec, lambda row: bar.update(1))
                 info.update(got["info"] or {})
                 if got["peak"] is not None:

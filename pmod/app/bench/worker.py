@@ -89,18 +89,19 @@ def make_prompt(engine, n_vision: int, n_text: int, seed: int = SEED) -> tuple[n
 
 
 def timed_pass(model, emb, mask, n_decode: int, after_prefill=None) -> tuple[float, float]:
-    """Prefill then greedy decode from an empty context: (prefill s, decode s). ``mask`` None: a
-    model that takes embeddings only (the transformers peer); ``after_prefill`` runs untimed."""
+    """Prefill then greedy decode from an empty context: (prefill s, decode s), each timed by the
+    model's ``stopwatch`` (CUDA events on a GPU). ``mask`` None: a model that takes embeddings
+    only (the transformers peer); ``after_prefill`` runs untimed."""
     model.reset()
-    t0 = time.perf_counter()
-    logits = model.prefill(inputs_embeds=emb) if mask is None else model.prefill(inputs_embeds=emb, vision_mask=mask)
-    t1 = time.perf_counter()
+    with model.stopwatch() as prefill:
+        logits = model.prefill(inputs_embeds=emb) if mask is None else model.prefill(inputs_embeds=emb, vision_mask=mask)
     if after_prefill is not None:
         after_prefill()
-    t2 = time.perf_counter()
-    for _ in range(n_decode):
-        logits = model.decode(int(np.argmax(logits)))
-    return t1 - t0, time.perf_counter() - t2
+    token = int(np.argmax(logits))
+    with model.stopwatch() as decode:
+        for _ in range(n_decode):
+            token = model.decode_greedy(token)
+    return prefill.seconds, decode.seconds
 
 
 def _one_pass(engine, emb, mask, n_decode: int) -> tuple[float, float, int]:
@@ -120,7 +121,7 @@ def run_worker(spec: dict) -> None:
     eager = backend in ("mlx", "torch")  # exports carry their own dtype and retention
     retention = spec["retention"]
     engine = open_engine(spec["path"], backend=backend, dtype=spec["dtype"] if eager else None,
-                         device=spec.get("device"),
+                         device=spec.get("device"), seeded_weights=spec.get("seeded_weights"),
                          dense=mode == "dense", retention=retention if eager else None)
     config, dense = engine.config, mode == "dense"
     rt = engine.runtime_info()
