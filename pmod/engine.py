@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -46,6 +47,44 @@ class LayerProbe(Protocol):
     def enter(self, layer: int | None, *arrays) -> None: ...
 
     def mark(self, section: str, *arrays) -> None: ...
+
+
+@dataclass(eq=False)
+class Context:
+    """A detached copy of an engine's context (``Engine.save_context``): what each layer's KV
+    cache holds and the next position, in the runtime's own arrays (``state``; opaque here).
+    A conversation cache keeps these and puts one back with ``Engine.load_context``; a
+    :class:`DecodeBatch` decodes several at once."""
+
+    position: int
+    #: the positions each layer's cache holds (MoD layers: text + kept vision tokens)
+    kept: list[np.ndarray]
+    #: bytes of the K/V entries held
+    nbytes: int
+    state: Any = field(repr=False, default=None)
+
+
+class DecodeBatch(ABC):
+    """Contexts decoded together (continuous batching): each decode step feeds one token per row and
+    returns each row's logits. Rows join (:meth:`add`, a context prefilled alone) and leave
+    (:meth:`remove`) between steps; their per-layer caches keep their own lengths (a MoD
+    layer's hold only the tokens it kept), so each row's result equals decoding it alone."""
+
+    @abstractmethod
+    def add(self, context: Context) -> int:
+        """A row decoding ``context`` from now on; its id (stable while it is in the batch)."""
+
+    @abstractmethod
+    def remove(self, row: int) -> Context:
+        """Take row ``row`` out; its context as it stands (for a conversation cache)."""
+
+    @abstractmethod
+    def step(self, tokens: dict[int, int]) -> dict[int, np.ndarray]:
+        """Append ``tokens[row]`` to each row named (rows not named wait this step); their logits [V]."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Rows in the batch."""
 
 
 class Engine(ABC):
@@ -91,6 +130,26 @@ class Engine(ABC):
     @abstractmethod
     def position(self) -> int:
         """Tokens in the context so far (the next token's RoPE position)."""
+
+    # ------------------------------------------------------------------ contexts
+    #: whether :meth:`save_context` / :meth:`load_context` work (conversation caches)
+    resumes: bool = False
+    #: whether :meth:`new_batch` works (batched decoding of several contexts)
+    batches: bool = False
+
+    def save_context(self) -> Context:
+        """A copy of the current context, which later calls do not change."""
+        raise PmodError(f"backend {type(self).__name__} cannot save its context")
+
+    def load_context(self, context: Context, upto: int | None = None) -> None:
+        """Make ``context`` the engine's context (it stays unchanged), keeping only the entries at
+        positions ``< upto`` (None: all). The caller makes sure the cut is exact: that no vision
+        block routed together straddles ``upto``."""
+        raise PmodError(f"backend {type(self).__name__} cannot load a saved context")
+
+    def new_batch(self) -> DecodeBatch:
+        """An empty :class:`DecodeBatch` over this engine's model."""
+        raise PmodError(f"backend {type(self).__name__} cannot decode a batch")
 
     def embed(self, input_ids) -> np.ndarray:
         """Token embeddings [T, H] (float32), for splicing in image features."""

@@ -15,6 +15,9 @@ import mlx.core as mx
 
 class LayerKVCache:
     step = 256
+    #: the keys each row sees of those ``update_and_fetch`` returns (a padded batch's,
+    #: ``pmod_mlx.batch``); None: all of them
+    mask = None
 
     def __init__(self):
         self._keys = None
@@ -85,3 +88,19 @@ class LayerKVCache:
 
 def make_cache(num_layers: int) -> list[LayerKVCache]:
     return [LayerKVCache() for _ in range(num_layers)]
+
+
+def restore_cache(layers: list[tuple], position: int, upto: int | None = None) -> list[LayerKVCache]:
+    """Caches holding a saved context's ``(keys, values, positions)`` per layer (``MLXEngine.save_context``),
+    only the entries at positions ``< upto`` where given. A layer's entries are in position order,
+    so that is a leading slice; the saved arrays are never written (a cache grows into new buffers)."""
+    out = []
+    for keys, values, positions in layers:
+        c = LayerKVCache()
+        c.offset = position if upto is None else min(upto, position)
+        if keys is not None:
+            n = int(mx.sum(positions < c.offset).item()) if upto is not None else positions.shape[0]
+            c._keys, c._values, c._positions = keys[..., :n, :], values[..., :n, :], positions[:n]
+            c.length = n
+        out.append(c)
+    return out

@@ -7,10 +7,12 @@ from contextlib import contextmanager
 import mlx.core as mx
 import numpy as np
 
-from pmod.engine import Engine, _normalize_inputs
+from pmod.engine import Context, Engine, _normalize_inputs
 
 from . import kernels
+from .batch import MLXDecodeBatch
 from .blas import blas_info
+from .cache import restore_cache
 from .loader import load
 
 
@@ -84,6 +86,22 @@ class MLXEngine(Engine):
 
     def reset(self) -> None:
         self.cache = self.model.make_cache()
+
+    # ------------------------------------------------------------------ contexts
+    resumes = True
+
+    def save_context(self) -> Context:
+        layers = [(c.keys, c.values, c.positions) for c in self.cache]  # slices: later writes do not reach them
+        mx.eval([a for layer in layers for a in layer if a is not None])
+        return Context(self.position, self.kept_positions(), self.kv_bytes(), layers)
+
+    def load_context(self, context: Context, upto: int | None = None) -> None:
+        self.cache = restore_cache(context.state, context.position, upto)
+
+    batches = True
+
+    def new_batch(self) -> MLXDecodeBatch:
+        return MLXDecodeBatch(self.model.language_model, self.dtype)
 
     # ------------------------------------------------------------------ the runtime
     def runtime_info(self) -> dict:

@@ -111,9 +111,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        mask = None
         if cache is not None:
             k, v = cache.update_and_fetch(k, v, rope.positions.reshape(-1))
-        out = causal_attention(q, k, v, self.scale)
+            mask = cache.mask
+        out = causal_attention(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -121,11 +123,12 @@ class Attention(nn.Module):
 CPU_QUERY_BLOCK = 256
 
 
-def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
     """Attention of a chunk's queries ``[B, h, T, D]`` over keys ``[B, kv, S, D]`` (``S >= T``:
     the cache, then the chunk) with the bottom-right aligned causal mask: cached positions all
     precede the chunk's and both are in increasing order, so "key position <= query position"
-    is that mask.
+    is that mask. ``mask`` (one query, ``T == 1``): bool ``[B, 1, 1, S]``, the keys each row
+    sees (a padded decode batch, ``pmod_mlx.batch``); None: all.
 
     MLX's CPU backend computes the masked attention as the full ``T x S`` score matrix,
     softmax included, and its elementwise ops are slow there and run on one thread; in query
@@ -135,7 +138,7 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     kernel needs no such help."""
     T, S = q.shape[2], k.shape[2]
     if T == 1:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     if T <= CPU_QUERY_BLOCK or mx.default_device() != mx.cpu:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
     outs = []
@@ -266,6 +269,10 @@ class LanguageModel(nn.Module):
             probe.enter(None, h)
         if last_only:
             h = h[:, -1:]
+        return self.logits(h)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """The final norm and the LM head (or the tied embeddings) over hidden states ``h``."""
         h = self.norm(h)
         if self.config.tie_word_embeddings:
             return self.embed_tokens.as_linear(h)

@@ -142,8 +142,10 @@ def test_completion_equals_session(server):
     (choice,) = body["choices"]
     assert choice["index"] == 0 and choice["message"] == {"role": "assistant", "content": text}
     assert choice["finish_reason"] == ("length" if stats.finish_reason == "length" else "stop")
-    assert body["usage"] == {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-                             "total_tokens": stats.prompt_tokens + stats.generated_tokens}
+    full = stats.prompt_tokens + stats.resumed_tokens  # the whole prompt, however much came from the cache
+    usage = {k: v for k, v in body["usage"].items() if k != "prompt_tokens_details"}
+    assert usage == {"prompt_tokens": full, "completion_tokens": stats.generated_tokens,
+                     "total_tokens": full + stats.generated_tokens}
     assert body["usage"]["prompt_tokens"] > 20
 
 
@@ -163,7 +165,7 @@ def test_stream_concatenates_to_the_same_text(server):
     assert finals[0]["choices"][0]["finish_reason"] == "length"  # 24 tokens, no EOS with this seed
     usage = chunks[-1]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == stats.generated_tokens
-    assert usage["usage"]["prompt_tokens"] == stats.prompt_tokens
+    assert usage["usage"]["prompt_tokens"] == stats.prompt_tokens + stats.resumed_tokens
 
 
 def test_max_tokens_and_usage(server):
@@ -277,7 +279,8 @@ def test_stream_sends_pieces_as_they_come(server):
     full = "".join(got)
     stop = [got[1] + NEVER, full[-3:] + NEVER]  # held-back tails along the way, no match
     gated = _Gated(server.session)
-    server.session = gated
+    server.session, batch = gated, server.max_batch
+    server.max_batch = 1  # the serial path, whose session.complete is gated (batching: test_serving.py)
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=15)
     try:
@@ -298,7 +301,7 @@ def test_stream_sends_pieces_as_they_come(server):
     finally:
         gated.gate.set()
         conn.close()
-        server.session = gated.inner
+        server.session, server.max_batch = gated.inner, batch
     assert gated.waited is True
     chunks = [json.loads(ln[6:]) for ln in rest.splitlines() if ln.startswith("data: {")]
     assert first + "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == full

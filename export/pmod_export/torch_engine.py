@@ -52,6 +52,10 @@ class TorchKV(HostKV):
     def _positions(self, l: int, n: int) -> np.ndarray:
         return self.positions[l][:n].cpu().numpy()
 
+    @staticmethod
+    def _clone(a: torch.Tensor) -> torch.Tensor:
+        return a.clone()
+
 
 def torch_device(name: str | None) -> torch.device:
     """``name`` ("cpu", "cuda", "cuda:1"; None: the CPU) as a device, or a one-line error when

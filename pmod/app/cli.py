@@ -153,6 +153,15 @@ def _cmd_export_lint(args) -> None:
     print(f"{args.path}: no TensorRT-compatibility problems", file=sys.stderr)
 
 
+def _cmd_export_triton(args) -> None:
+    from pmod.app.models import resolve_model
+    from pmod.app.triton import export_triton
+
+    dst = export_triton(resolve_model(args.model), args.backend, args.out, name=args.name, instances=args.instances,
+                        max_queue=args.max_queue, device=args.device, dtype=args.dtype, copy=args.copy)
+    print(f"wrote {dst}", file=sys.stderr)
+
+
 def _cmd_trt_build(args) -> None:
     from pmod.app.registry import tool
 
@@ -313,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(s)
     s.set_defaults(func=_cmd_chat)
 
-    s = sub.add_parser("export", help="export a pmod checkpoint to ONNX, lint graphs for TensorRT")
+    s = sub.add_parser("export", help="export a pmod checkpoint to ONNX or a Triton repository, lint graphs for TensorRT")
     export = s.add_subparsers(dest="export_command", required=True, parser_class=_Parser)
     e = export.add_parser("onnx", help="write ONNX graphs (vision, prefill, decode, embed) and a manifest")
     e.add_argument("--model", help="pmod checkpoint directory (default: the embedded model)")
@@ -335,6 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     e = export.add_parser("lint", help="TensorRT-compatibility lint of a --target trt export or a .onnx file")
     e.add_argument("path", help="export directory or .onnx file")
     e.set_defaults(func=_cmd_export_lint)
+    e = export.add_parser("triton", help="write a Triton Inference Server model repository (Python backend, "
+                                         "streamed replies) over a checkpoint, export or engine directory")
+    e.add_argument("--model", help="what --backend opens: a pmod checkpoint (mlx, torch), a 'pmod export onnx' "
+                                   "directory (onnx) or a 'pmod trt build' directory (trt); default: the embedded model")
+    e.add_argument("--backend", required=True, choices=["trt", "onnx", "torch", "mlx"])
+    e.add_argument("--out", required=True, help="output repository directory (must not exist)")
+    e.add_argument("--name", default="pmod", help="the model's name in the repository (default %(default)s)")
+    e.add_argument("--instances", type=int, default=1, help="model instances, each its own process (default 1)")
+    e.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help="requests that may wait for an instance; more are refused at once (default: no limit)")
+    e.add_argument("--device", default=None,
+                   help="torch: cpu (default) or cuda[:N]; onnx: cpu (default) or cuda; trt: cuda (GPU 0)")
+    e.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="compute dtype (default: the backend's)")
+    e.add_argument("--copy", action="store_true",
+                   help="copy the model directory into the repository instead of recording its absolute path")
+    e.set_defaults(func=_cmd_export_triton)
 
     s = sub.add_parser("trt", help="build TensorRT engines from an ONNX export (needs an NVIDIA GPU and TensorRT)")
     trt = s.add_subparsers(dest="trt_command", required=True, parser_class=_Parser)
@@ -356,6 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     _add_sampling(s)
+    from pmod.app.caches import DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_VISION_CACHE_BYTES
+    from pmod.app.serve.server import DEFAULT_MAX_BATCH
+
+    s.add_argument("--prompt-cache-bytes", type=int, default=DEFAULT_PROMPT_CACHE_BYTES, metavar="N",
+                   help="KV state of recent conversations kept for requests that extend them, at most N bytes "
+                        f"(default {DEFAULT_PROMPT_CACHE_BYTES >> 20} MiB; 0: off)")
+    s.add_argument("--vision-cache-bytes", type=int, default=DEFAULT_VISION_CACHE_BYTES, metavar="N",
+                   help="projected features of recent images, at most N bytes "
+                        f"(default {DEFAULT_VISION_CACHE_BYTES >> 20} MiB; 0: off)")
+    s.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                   help=f"requests decoded together where the backend batches (default {DEFAULT_MAX_BATCH}; "
+                        "1: one at a time)")
     s.set_defaults(func=_cmd_server)
 
     s = sub.add_parser("demo", help="the embedded model answers questions about an image and shows what p-MoD kept")

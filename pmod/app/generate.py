@@ -71,6 +71,7 @@ class GenerationStats:
     image_tokens: int = 0
     unfed_token: int | None = None  # the last token yielded but not yet in the context
     context_tokens: int = 0
+    resumed_tokens: int = 0  # prompt tokens resumed from the conversation cache, not prefilled
     kv_lengths: list[int] = field(default_factory=list)
 
     @property
@@ -82,48 +83,77 @@ class GenerationStats:
         return self.decode_steps / self.decode_s if self.decode_s else 0.0
 
 
-def generate_tokens(engine: Engine, input_ids=None, *, inputs_embeds=None, vision_mask=None,
-                    max_tokens: int = 128, sampler: Sampler | None = None,
-                    eos_ids=(), stats: GenerationStats | None = None) -> Iterator[int]:
-    """Prefill the prompt onto the engine's context, then yield sampled tokens.
+class Decoding:
+    """The rules of one reply's tokens, one at a time, for serial and batched generation alike.
 
-    Stops at an EOS token (not yielded), after ``max_tokens``, or when the context is full.
-    The last token yielded then is not in the context yet: ``stats.unfed_token`` says which,
-    so a conversation can feed it before its next turn.
+    :meth:`take` gets the next sampled token and says whether it is part of the reply (an EOS
+    token ends it and is not); :meth:`more` then says whether to feed it and go on (not after
+    ``max_tokens`` or once the context is full). The token yielded last and not fed is
+    ``stats.unfed_token``, so a conversation can feed it before its next turn.
     """
-    sampler = sampler or Sampler(SamplerArgs())
-    stats = stats if stats is not None else GenerationStats()
-    limit = engine.config.max_position_embeddings
+
+    def __init__(self, sampler: Sampler, max_tokens: int, eos_ids, limit: int, stats: GenerationStats):
+        self.sampler, self.max_tokens, self.limit, self.stats = sampler, max_tokens, limit, stats
+        self.eos = set(int(e) for e in eos_ids)
+        stats.finish_reason = "length"
+        self.done = max_tokens < 1
+
+    def take(self, token: int) -> bool:
+        if token in self.eos:
+            self.stats.finish_reason, self.done = "stop", True
+            return False
+        self.stats.generated_tokens += 1
+        self.stats.unfed_token = token
+        return True
+
+    def more(self, position: int) -> bool:
+        if self.stats.generated_tokens >= self.max_tokens:
+            self.done = True
+        elif position >= self.limit:
+            self.stats.finish_reason, self.done = "context", True
+        return not self.done
+
+    def fed(self, seconds: float) -> None:
+        """The last token went into the context (one decode step of ``seconds``)."""
+        self.stats.unfed_token = None
+        self.stats.decode_s += seconds
+        self.stats.decode_steps += 1
+
+
+def prefill_prompt(engine: Engine, stats: GenerationStats, input_ids=None, inputs_embeds=None,
+                   vision_mask=None) -> np.ndarray:
+    """Prefill a prompt onto the engine's context, noting its size and time in ``stats``; its logits."""
     t0 = time.perf_counter()
     logits = engine.prefill(input_ids=input_ids, inputs_embeds=inputs_embeds, vision_mask=vision_mask)
     stats.prompt_tokens = len(input_ids) if input_ids is not None else len(inputs_embeds)
     if vision_mask is not None:
         stats.image_tokens = int(np.count_nonzero(vision_mask))
     stats.prefill_s = time.perf_counter() - t0
-    eos = set(int(e) for e in eos_ids)
-    stats.finish_reason = "length"
-    pending = None
+    return logits
+
+
+def generate_tokens(engine: Engine, input_ids=None, *, inputs_embeds=None, vision_mask=None,
+                    max_tokens: int = 128, sampler: Sampler | None = None,
+                    eos_ids=(), stats: GenerationStats | None = None) -> Iterator[int]:
+    """Prefill the prompt onto the engine's context, then yield sampled tokens.
+
+    Stops at an EOS token (not yielded), after ``max_tokens``, or when the context is full
+    (:class:`Decoding`); ``stats.unfed_token`` is the last token yielded and not fed.
+    """
+    sampler = sampler or Sampler(SamplerArgs())
+    stats = stats if stats is not None else GenerationStats()
+    logits = prefill_prompt(engine, stats, input_ids, inputs_embeds, vision_mask)
+    rules = Decoding(sampler, max_tokens, eos_ids, engine.config.max_position_embeddings, stats)
     token = sampler(logits)
     try:
-        for i in range(max_tokens):
-            if token in eos:
-                stats.finish_reason = "stop"
-                break
-            stats.generated_tokens += 1
-            pending = token
+        while not rules.done and rules.take(token):
             yield token
-            if i + 1 == max_tokens:
-                break
-            if engine.position >= limit:
-                stats.finish_reason = "context"
+            if not rules.more(engine.position):
                 break
             t1 = time.perf_counter()
             token = engine.decode_greedy(token) if sampler.greedy else sampler(engine.decode(token))
-            pending = None
-            stats.decode_s += time.perf_counter() - t1
-            stats.decode_steps += 1
+            rules.fed(time.perf_counter() - t1)
     finally:  # also when the caller stops early (a stop string)
-        stats.unfed_token = pending
         stats.context_tokens = engine.position
         stats.kv_lengths = engine.kv_lengths()
 

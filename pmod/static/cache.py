@@ -137,6 +137,26 @@ class HostKV(KVBuffers):
     def _positions(self, l: int, n: int) -> np.ndarray:
         return self.positions[l][:n]
 
+    @staticmethod
+    def _clone(a):
+        return a.copy()
+
+    def snapshot(self) -> list[tuple]:
+        """Copies of every layer's live keys, values and positions (a saved context)."""
+        return [tuple(self._clone(a[:n]) for a in self.arrays(l)) for l, n in enumerate(self.lengths)]
+
+    def restore(self, layers: list[tuple], upto: int | None = None) -> None:
+        """Make :meth:`snapshot`'s ``layers`` the live entries (copied in), only those at positions
+        ``< upto`` where given."""
+        if upto is not None:
+            layers = [tuple(a[p < upto] for a in (k, v, p)) for k, v, p in layers]
+        self.reset()
+        self.reserve([len(p) for _, _, p in layers])
+        for l, entries in enumerate(layers):
+            for store, a in zip(self.arrays(l), entries):
+                store[:len(a)] = a
+        self.lengths = [len(p) for _, _, p in layers]
+
 
 class DeviceKV(KVBuffers):
     """Device buffers of ``capacities[l]`` entries per layer, allocated once; aligned scratch where needed.

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pmod.engine import Engine, _normalize_inputs
+from pmod.engine import Context, Engine, _normalize_inputs
 from pmod.errors import PmodError
+from pmod.static.cache import HostKV
 from pmod.static.chunk import Planner, Step
 from pmod.static.manifest import Manifest
 
@@ -79,6 +80,23 @@ class StaticEngine(Engine):
     def reset(self) -> None:
         self.cache.reset()
         self._position = 0
+
+    @property
+    def resumes(self) -> bool:
+        """Host-side buffers (ONNX Runtime on the CPU, torch) can be copied out and back; the
+        fixed device buffers of ONNX Runtime on CUDA and TensorRT are bound to their graphs."""
+        return isinstance(self.cache, HostKV)
+
+    def save_context(self) -> Context:
+        if not self.resumes:
+            return super().save_context()
+        return Context(self._position, self.cache.held_positions(), self.cache.nbytes, self.cache.snapshot())
+
+    def load_context(self, context: Context, upto: int | None = None) -> None:
+        if not self.resumes:
+            return super().load_context(context, upto)
+        self.cache.restore(context.state, upto)
+        self._position = context.position if upto is None else min(upto, context.position)
 
     def runtime_info(self) -> dict:
         """The graphs' device and dtype (which the KV cache shares); no BLAS or kernels to report."""

@@ -106,7 +106,7 @@ def generate(session, job: Job, log: Callable[[str], None]) -> None:
         # The session matches the stop strings: it holds back a tail that could begin one and
         # ends the reply before the first match (reply.text is exactly the pieces yielded).
         pieces = session.complete(r.messages, r.images, system=r.system, max_tokens=r.max_tokens,
-                                  sampler=sampler, stop=r.stop, reply=reply)
+                                  sampler=sampler, stop=r.stop, reply=reply, ignore_eos=r.ignore_eos)
         try:
             for piece in pieces:
                 if job.cancelled.is_set():

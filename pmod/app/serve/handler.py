@@ -246,7 +246,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         """The reply's finish reason and usage, noted for the log line."""
         s = reply.stats
         finish, usage = finish_and_usage(s)
-        self._tokens = f"prompt={s.prompt_tokens} completion={s.generated_tokens} finish={finish}"
+        cached = f" cached={s.resumed_tokens}" if s.resumed_tokens else ""
+        self._tokens = f"prompt={usage['prompt_tokens']}{cached} completion={s.generated_tokens} finish={finish}"
         return finish, usage
 
     def _chat_once(self, job: Job) -> None:

@@ -38,6 +38,7 @@ class ChatRequest:
     stop: list[str]
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever (load generators)
 
 
 @dataclass
@@ -107,10 +108,13 @@ def parse_chat_request(body: Any, defaults: Defaults, max_image_bytes: int = MAX
         raise RequestError(f"'n' must be 1 (one choice per request), got {short(n)}", "n")
     stop = _stop(body)
     stream, include_usage = _stream(body)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise RequestError(f"'ignore_eos' must be true or false, got {short(ignore_eos)}", "ignore_eos")
     messages, images, system = _conversation(body.get("messages"), max_image_bytes)
     return ChatRequest(messages=messages, images=images, system=system,
                        max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, stop=stop,
-                       stream=stream, include_usage=include_usage)
+                       stream=stream, include_usage=include_usage, ignore_eos=ignore_eos)
 
 
 def _max_tokens(body: dict, default: int) -> int:
@@ -230,8 +234,11 @@ def model_card(model_id: str, created: int) -> dict:
 def finish_and_usage(stats) -> tuple[str, dict]:
     """A reply's OpenAI ``finish_reason`` (a full context counts as ``length``) and ``usage``."""
     finish = "length" if stats.finish_reason in ("length", "context") else "stop"
-    usage = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-             "total_tokens": stats.prompt_tokens + stats.generated_tokens}
+    prompt = stats.prompt_tokens + stats.resumed_tokens  # the whole prompt, however much was cached
+    usage = {"prompt_tokens": prompt, "completion_tokens": stats.generated_tokens,
+             "total_tokens": prompt + stats.generated_tokens}
+    if stats.resumed_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": stats.resumed_tokens}  # OpenAI's field
     return finish, usage
 
 
