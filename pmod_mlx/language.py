@@ -20,6 +20,8 @@ elsewhere (``pmod_mlx.kernels``).
 
 from __future__ import annotations
 
+import threading
+
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -151,14 +153,14 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: 
     return mx.concatenate(outs, axis=2)
 
 
-_STREAMS: list = []
+_STREAMS = threading.local()  # MLX streams belong to the thread that made them
 
 
 def _cpu_streams() -> list:
-    """The default CPU stream and a second one, made once."""
-    if not _STREAMS:
-        _STREAMS.extend([mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)])
-    return _STREAMS
+    """This thread's default CPU stream and a second one, made once per thread."""
+    if not hasattr(_STREAMS, "pair"):
+        _STREAMS.pair = [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    return _STREAMS.pair
 
 
 class MLP(nn.Module):

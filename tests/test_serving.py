@@ -315,3 +315,20 @@ def test_faults_leave_the_batch_going(text_model):
     finally:
         httpd.close()
     assert result["r"]["choices"][0]["message"] == want["choices"][0]["message"]
+
+
+def test_load_generator_runs(text_model, tmp_path, capsys):
+    """``scripts/serve_bench.py`` end to end, small: both servers, the chat and the load."""
+    from pmod.app.bench.serving import main
+
+    out = tmp_path / "serve.json"
+    assert main(["--model", str(text_model), "--dtype", "float32", "--clients", "3", "--requests", "1",
+                 "--max-tokens", "4", "--chat-tokens", "2", "--context-sentences", "3", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["turn"] for r in doc["chat"]["on"] if "turn" in r] == [1, 2, 3, 4, 5]
+    assert all(r["cached_tokens"] > 0 for r in doc["chat"]["on"][1:5])
+    assert all(r["cached_tokens"] == 0 for r in doc["chat"]["off"][:5])
+    for name in ("serial", "batched"):
+        assert doc["load"][name]["tokens"] == 3 * 4  # ignore_eos: every reply max_tokens long
+    assert "aggregate tokens/s" in capsys.readouterr().out
+    assert main(["--clients", "0"]) == 2

@@ -4,9 +4,10 @@ It starts servers in this process on a free 127.0.0.1 port and measures, over HT
 streaming, what a client sees:
 
 * ``chat``: a 5-turn conversation whose first turn carries an image (on a model with a vision
-  tower; text only otherwise), each request re-sending the whole conversation as an OpenAI
-  client does: time to first token per turn, with the caches on and off (each server warmed
-  by one request first, its caches then emptied).
+  tower; a long text otherwise, ``--context-sentences``), each request re-sending the whole conversation as an OpenAI
+  client does: time to first token per turn (a one-token request's latency, taken before the
+  turn's reply), with the caches on and off (each server warmed by one request first, its
+  caches then emptied).
 * ``load``: ``--clients`` concurrent clients, ``--requests`` each, ``--max-tokens`` per reply, on
   a batching server and on a one-at-a-time one (``--max-batch 1``): aggregate tokens/s and
   p50/p95 request latency.
@@ -92,13 +93,20 @@ def run_chat(model, args, caches: bool) -> list[dict]:
         _stream(httpd.url, dict(messages=[{"role": "user", "content": "hello"}], max_tokens=2), args.timeout)
         httpd.call(lambda s: [c.clear() for c in (s.prompt_cache, s.vision_cache) if c is not None])
         for i, question in enumerate(TURNS):
-            content = question if i or image is None else [{"type": "image_url", "image_url": {"url": image}},
-                                                            {"type": "text", "text": question}]
+            if i:
+                content = question
+            elif image is None:  # a text-only model: a long first message stands in for the image
+                content = " ".join(TURNS[j % len(TURNS)] for j in range(args.context_sentences)) + " " + question
+            else:
+                content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": question}]
             messages.append({"role": "user", "content": content})
-            ttft, total, text, usage = _stream(httpd.url, dict(messages=messages, max_tokens=args.chat_tokens,
-                                                               temperature=0), args.timeout)
+            # time to the first token: the whole of a one-token request (its first piece may be
+            # empty text, e.g. a random model's), then the turn's reply itself, untimed
+            _, ttft, _, usage = _stream(httpd.url, dict(messages=messages, max_tokens=1), args.timeout)
+            _, _, text, _ = _stream(httpd.url, dict(messages=messages, max_tokens=args.chat_tokens, temperature=0),
+                                    args.timeout)
             messages.append({"role": "assistant", "content": text})
-            rows.append(dict(turn=i + 1, ttft_s=ttft, total_s=total, prompt_tokens=usage.get("prompt_tokens"),
+            rows.append(dict(turn=i + 1, ttft_s=ttft, prompt_tokens=usage.get("prompt_tokens"),
                              cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)))
         s = httpd.session
         rows.append(dict(caches={name: None if c is None else dict(limit=c.limit, peak=c.peak, bytes=c.bytes)
@@ -189,6 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--chat-tokens", type=int, default=16, help="reply tokens per chat turn")
+    p.add_argument("--context-sentences", type=int, default=100,
+                   help="a text-only model's first chat turn: this many sentences before the question")
     p.add_argument("--timeout", type=float, default=300, help="seconds per request")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
