@@ -40,7 +40,7 @@ from pathlib import Path
 from pmod.app.generate import SamplerArgs
 from pmod.app.serve.compute import Compute
 from pmod.app.serve.openai import MAX_BODY_BYTES, Defaults, is_int
-from pmod.app.caches import DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_VISION_CACHE_BYTES
+from pmod.app.caches import DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_VISION_CACHE_BYTES, check_bytes
 from pmod.app.serve.server import DEFAULT_MAX_BATCH, MAX_QUEUE, ChatServer, ChatServer6
 from pmod.errors import PmodError
 
@@ -73,9 +73,8 @@ def make_server(model_dir, host: str = DEFAULT_HOST, port: int = 0, backend: str
     SamplerArgs(temp, top_p, seed)  # checks the defaults
     if seed is not None and seed < 0:
         raise PmodError(f"--seed must be >= 0, got {seed}")
-    for flag, v in (("--prompt-cache-bytes", prompt_cache_bytes), ("--vision-cache-bytes", vision_cache_bytes)):
-        if not is_int(v) or v < 0:
-            raise PmodError(f"{flag} must be a whole number of bytes >= 0 (0 turns the cache off), got {v}")
+    check_bytes(prompt_cache_bytes, "prompt_cache_bytes")  # the CLI words them --prompt-cache-bytes ...
+    check_bytes(vision_cache_bytes, "vision_cache_bytes")
     if not is_int(max_batch) or max_batch < 1:
         raise PmodError(f"--max-batch must be >= 1, got {max_batch}")
     if not (is_int(port) and 0 <= port <= 65535):
