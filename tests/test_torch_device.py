@@ -41,7 +41,13 @@ def _run(engine, emb, vm, steps=6):
     return np.array(logits)
 
 
-def test_cpu_device_matches_the_reference(model):
+@pytest.mark.parametrize("mlp_rows", [None, 7])
+def test_cpu_device_matches_the_reference(model, mlp_rows, monkeypatch):
+    """Also with the eager MLP taking the 30-token prefill in blocks of 7 rows (``MLP_ROWS``)."""
+    from pmod_export import decoder
+
+    if mlp_rows:
+        monkeypatch.setattr(decoder, "MLP_ROWS", mlp_rows)
     config, tensors, path, emb, vm = model
     engine = pmod.open_engine(path, backend="torch", dtype="float32", device="cpu")
     assert engine.runtime_info()["device"] == "cpu" and engine.cache.keys[0].device.type == "cpu"

@@ -30,6 +30,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "export_onnx": ("pmod_export.onnx_export:export_onnx", "export"),
     "build_trt": ("pmod_trt.build:build_engines", "trt"),
     "transformers_peer": ("pmod_export.peer:TransformersPeer", "export"),  # scripts/torch_vs_transformers.py
+    "torch_op_profile": ("pmod_export.torch_engine:OpProfile", "export"),  # its --profile
 }
 
 # Each runtime package's facts for 'pmod info --system': its name -> ("module:runtime_info", pip extra).

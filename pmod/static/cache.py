@@ -124,15 +124,12 @@ class HostKV(KVBuffers):
         n = self.lengths[l]
         return tuple(a.ctypes.data + n * a.strides[0] for a in self.arrays(l))
 
-    def past_arrays(self, l: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Views ``[1, length, n_kv, D]``, ``[1, length, n_kv, D]``, ``[1, length]`` of the live entries."""
-        n = self.lengths[l]
+    def windows(self, l: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Views ``[1, length + count, n_kv, D]`` (keys, values) and ``[1, length + count]``
+        (positions): layer ``l``'s live entries and the ``count`` after them, where a chunk's new
+        entries go (an eager decoder writes them there and reads the whole window)."""
+        n = self.lengths[l] + count
         return tuple(a[None, :n] for a in self.arrays(l))
-
-    def tail_arrays(self, l: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Views of the ``count`` entries after the live prefix (where a chunk's new entries go)."""
-        n = self.lengths[l]
-        return tuple(a[None, n:n + count] for a in self.arrays(l))
 
     def _positions(self, l: int, n: int) -> np.ndarray:
         return self.positions[l][:n]

@@ -28,8 +28,12 @@ from pmod.format import FLOAT_DTYPES
 RUNS = ("transformers", "pmod dense", "pmod p-MoD")
 
 
-def compare(path, vision: list[int], text: int, n_decode: int, repeat: int, dtype: str, device: str | None) -> list:
-    """Rows ``{vision_tokens, run, prefill_s, decode_tok_s}``, medians over ``repeat`` passes."""
+def compare(path, vision: list[int], text: int, n_decode: int, repeat: int, dtype: str, device: str | None,
+            profile=None) -> list:
+    """Rows ``{vision_tokens, run, prefill_s, decode_tok_s}``, medians over ``repeat`` passes.
+
+    ``profile(vision_tokens, run, table)``: where given, each run gets one more pass per vision
+    count under torch's profiler, whose op table (self time, by input shapes) it is handed."""
     peer = tool("transformers_peer", "the transformers comparison")(path, dtype=dtype, device=device)
     models = {"transformers": peer,
               "pmod dense": open_engine(path, backend="torch", dtype=dtype, device=device, dense=True),
@@ -46,6 +50,13 @@ def compare(path, vision: list[int], text: int, n_decode: int, repeat: int, dtyp
                 t = timed_pass(model, emb, None if name == "transformers" else mask, n_decode)
                 if i:
                     times[name].append(t)
+        if profile is not None:
+            for name, model in models.items():
+                for other in models.values():
+                    other.reset()
+                with tool("torch_op_profile", "--profile")(device) as ops:
+                    timed_pass(model, emb, None if name == "transformers" else mask, n_decode)
+                profile(n, name, ops.table())
         for name in RUNS:
             prefill = statistics.median(t[0] for t in times[name])
             decode = statistics.median(t[1] for t in times[name])
@@ -79,6 +90,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=list(FLOAT_DTYPES))
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed passes, one more per run and vision count under torch's profiler: "
+                        "its table of ops by self time (attention kernels, masks, gathers, KV copies)")
     args = p.parse_args(argv)
     try:
         vision = [int(v) for v in args.vision_tokens.split(",")]
@@ -90,7 +104,10 @@ def main(argv=None) -> int:
         return 2
     try:
         path = args.model or preset_checkpoint(args.preset, args.dtype)
-        rows = compare(path, vision, args.text_tokens, args.decode_tokens, args.repeat, args.dtype, args.device)
+        show = (lambda n, run, table: print(f"### {run}, {n} vision tokens: prefill + {args.decode_tokens} "
+                                            f"greedy steps\n{table}", flush=True)) if args.profile else None
+        rows = compare(path, vision, args.text_tokens, args.decode_tokens, args.repeat, args.dtype, args.device,
+                       show)
     except PmodError as e:
         print(f"torch_vs_transformers.py: error: {e}", file=sys.stderr)
         return 2
