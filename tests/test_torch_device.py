@@ -125,6 +125,12 @@ def test_comparison_script_runs(model, tmp_path, capsys):
                                                              for r in ("transformers", "pmod dense", "pmod p-MoD")}
     assert all(r["prefill_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
     assert compare_main(["--model", str(path), "--repeat", "0"]) == 2
+    assert compare_main(["--model", str(path), "--vision-tokens", "24", "--text-tokens", "8", "--decode-tokens", "1",
+                         "--repeat", "1", "--profile"]) == 0
+    out = capsys.readouterr().out
+    for run in ("transformers", "pmod dense", "pmod p-MoD"):  # one op table per run, then the table
+        assert f"### {run}, 24 vision tokens" in out
+    assert "aten::" in out.split("### pmod dense")[1] and out.rstrip().endswith("x |")
 
 
 def test_greedy_decode_picks_the_token_on_the_device(model, monkeypatch):
