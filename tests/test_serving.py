@@ -102,6 +102,32 @@ def test_a_diverging_request_reuses_only_the_exact_prefix(sessions):
     assert got.stats.resumed_tokens == prefix  # through the image (routed alone in both), not a token more
 
 
+def test_a_resent_encoded_image_is_not_decoded_again(sessions, tmp_path, monkeypatch):
+    """Data-URL bytes and files are preprocessed once per content (the answers stay the fresh
+    ones); a file rewritten in place with another picture is prepared again."""
+    import pmod.image
+
+    cached, fresh = sessions
+    calls = []
+    real = pmod.image.preprocess
+    monkeypatch.setattr(pmod.image, "preprocess", lambda src, *a, **k: calls.append(src) or real(src, *a, **k))
+    a, b, c = _samples(3)
+    raw = io.BytesIO()
+    a.image.save(raw, format="PNG")
+    path = tmp_path / "img.png"
+    b.image.save(path)
+    for src in (raw.getvalue(), str(path)):
+        calls.clear()
+        turns = [(a.qa[0][1], [src]), ("and then ?", [])]
+        got = _converse(cached, turns)
+        assert len(calls) == 1  # turn 2 re-sent the same image: taken from the cache
+        assert [r.text for r in got] == [r.text for r in _converse(fresh, turns)]
+    c.image.save(path)  # another picture under the same name
+    calls.clear()
+    msg = [Message("user", a.qa[0][1], 1)]
+    assert _ask(cached, msg, [str(path)]).text == _ask(fresh, msg, [str(path)]).text and len(calls) == 2
+
+
 def test_caches_stay_within_their_byte_limits():
     session = open_session(MODEL, dtype="float32", prompt_cache_bytes=1_500_000, vision_cache_bytes=160_000)  # ~2 of each
     samples = _samples(4)

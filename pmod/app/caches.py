@@ -3,7 +3,8 @@
 Both are LRUs bounded in bytes (:class:`ByteLRU`); a limit of 0 turns one off.
 
 * :class:`VisionCache`: the projected features of an image, by a hash of its preprocessed pixels,
-  so a chat that re-sends its image every turn runs the vision tower once.
+  so a chat that re-sends its image every turn runs the vision tower once; and the preprocessed
+  image, by a hash of its encoded bytes, so it is not decoded and resized again either.
 * :class:`PromptCache`: saved engine contexts (``pmod.engine.Context``), each with the prompt
   it holds as units (:class:`Unit`: text tokens and whole image blocks). A new prompt resumes from the
   longest exact prefix a saved context has (:meth:`PromptCache.lookup`) and prefills only the rest.
@@ -20,6 +21,7 @@ token, or the rest holds none and the prefix's vision tokens were routed as one 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -88,8 +90,37 @@ def image_key(image) -> str:
     return h.hexdigest()
 
 
+def source_key(source) -> tuple | None:
+    """What identifies an encoded image without decoding it: a hash of its bytes (a data URL's,
+    or a local file's contents); None for anything else (a PIL image, an array: those are
+    prepared each time)."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source, "rb") as f:
+                source = f.read()
+        except OSError:
+            return None  # preprocessing says what is wrong with it
+    if isinstance(source, (bytes, bytearray)):
+        return ("encoded", hashlib.sha256(source).hexdigest())
+    return None
+
+
 class VisionCache(ByteLRU):
-    """Projected image features by :func:`image_key`."""
+    """Projected image features by :func:`image_key`, and the preprocessed images of encoded
+    sources by :func:`source_key`, under one byte limit."""
+
+    def prepared(self, source, prepare):
+        """``prepare(source)`` (the decoded, preprocessed ``pmod.image.ImageInput``), reused for the
+        same encoded bytes, sent or in a file: an image a client re-sends every turn is
+        neither decoded nor resized again (LLaVA-NeXT's any-resolution tiles are the costly part)."""
+        key = source_key(source)
+        if key is None:
+            return prepare(source)
+        image = self.get(key)
+        if image is None:
+            image = prepare(source)
+            self.put(key, image, int(np.asarray(image.pixel_values).nbytes + np.asarray(image.plan).nbytes))
+        return image
 
     def features(self, image, encode) -> np.ndarray:
         """``image``'s features, from the cache or from ``encode(image)`` (then kept)."""

@@ -99,7 +99,9 @@ class Session:
         from pmod.image import preprocess
 
         segments = prompt.split_segments(prompt.tokenize(self.tokenizer, text, add_bos=add_bos))
-        inputs = [preprocess(img, self.config, self.processor) for img in images] if images else []
+        prepare = lambda img: preprocess(img, self.config, self.processor)  # noqa: E731
+        cache = self.vision_cache
+        inputs = [prepare(img) if cache is None else cache.prepared(img, prepare) for img in images]
         units, by_key, it = [], {}, iter(inputs)
         for seg in segments:
             if seg is None:
@@ -218,7 +220,7 @@ class Session:
         """Yield the reply's text; with ``stop`` strings, text that could begin one is held
         back until it is clear, and the reply ends before the first match. ``ignore_eos``: decode
         ``max_tokens`` whatever. ``pending``: a reply that runs to its end is kept in the
-        conversation cache, and so is its prompt as soon as it is prefilled (dropped again if the
+        conversation cache, and so is its prompt once the first token is out (dropped again if the
         reply is cut short: a client gone)."""
         reply = reply if reply is not None else Reply()
         if pending is not None:
@@ -229,14 +231,14 @@ class Session:
         fed, ended = [], False
         try:
             for token in tokens:
-                if pending is not None and not fed:  # the prompt alone, for requests that share it
-                    self.remember(pending, [])
                 fed.append(token)
                 piece = text.add(token)
                 if piece:
                     yield piece
                 if text.stopped:
                     break
+                if pending is not None and len(fed) == 1:  # the prompt alone, for requests that share it
+                    self.remember(pending, [])  # (after the first piece is out; not yet fed)
             else:
                 piece = text.finish()
                 if piece:

@@ -75,10 +75,12 @@ class Batcher:
                              s.config.max_position_embeddings, reply.stats)
             row = _Row(job, sampler, rules, ReplyText(s.tokenizer, r.stop, reply), reply, start["pending"],
                        s.engine.position)
-            context = s.engine.save_context()
-            s.remember(row.pending, [], context)  # the prompt alone, for requests that share it
-            if self._advance(row, sampler(logits)):
-                self.rows[self.batch.add(context)] = row
+            going = self._advance(row, sampler(logits))  # the first token out before the bookkeeping
+            if not job.cancelled.is_set():
+                context = s.engine.save_context()
+                s.remember(row.pending, [], context)  # the prompt alone, for requests that share it
+                if going:
+                    self.rows[self.batch.add(context)] = row
         except PmodError as e:
             job.events.put(("error", RequestError(str(e), "messages")))
             self.finish(job)
