@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV state of recent conversations kept for requests that extend them, at most N bytes "
                         f"(default {DEFAULT_PROMPT_CACHE_BYTES >> 20} MiB; 0: off)")
     s.add_argument("--vision-cache-bytes", type=int, default=DEFAULT_VISION_CACHE_BYTES, metavar="N",
-                   help="projected features of recent images, at most N bytes "
+                   help="projected features (and preprocessed pixels) of recent images, at most N bytes "
                         f"(default {DEFAULT_VISION_CACHE_BYTES >> 20} MiB; 0: off)")
     s.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
                    help=f"requests decoded together where the backend batches (default {DEFAULT_MAX_BATCH}; "
