@@ -93,7 +93,15 @@ class LayerBatch:
     def pop(self, i: int) -> tuple[mx.array, mx.array, mx.array]:
         """Take row ``i`` out: its ``(keys, values, positions)``, its entries only."""
         held = np.array(self.positions[:, : self.length]) >= 0
-        cols = mx.array(np.flatnonzero(held[i]))
+        cols = np.flatnonzero(held[i])
+        if held.shape[0] == 1 and len(cols) and cols[-1] - cols[0] + 1 == len(cols):
+            # the last row, fed every step (a lone chat's reply ending): its entries as slices of
+            # buffers no other row holds (a saved engine context's slack), and nothing to rebuild
+            cols = slice(int(cols[0]), int(cols[-1]) + 1)
+            row = (self.keys[:, :, cols], self.values[:, :, cols], self.positions[0, cols])
+            self._build([], 0)
+            return row
+        cols = mx.array(cols)
         row = (self.keys[i : i + 1, :, cols], self.values[i : i + 1, :, cols], self.positions[i, cols])
         used = np.delete(held, i, axis=0).any(axis=0)
         lead = int(np.argmax(used)) if used.any() else self.length  # leading columns no other row uses

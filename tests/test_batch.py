@@ -172,6 +172,15 @@ def test_empty_steps_and_unknown_rows(checkpoints):
     assert all(np.array_equal(a, b) for a, b in zip(left.kept, ctx.kept))
     with pytest.raises(PmodError, match=f"no row {row} in this batch"):
         batch.remove(row)
-    assert batch.add(left) != row  # ids are not reused
+    again = batch.add(left)
+    assert again != row  # ids are not reused
+    want, fed = _alone(engine, ctx, token, 4)
+    for j in range(3):  # the lone row, stepped and then taken out, goes on as it would alone
+        _close(batch.step({again: fed[j]})[again], want[j])
+    last = batch.remove(again)
+    assert len(batch) == 0
+    _same_context(last, engine, ctx, fed[:3])
+    got, _ = _alone(engine, last, fed[3], 1)
+    _close(got[0], want[3])
     with pytest.raises(PmodError, match="not an MLX context of this model"):
         batch.add(Context(0, [], 0, None))
