@@ -41,21 +41,24 @@ def compare(path, vision: list[int], text: int, n_decode: int, repeat: int, dtyp
     rows = []
     for n in vision:
         emb, mask = make_prompt(models["pmod dense"], n, text)
+
+        def run(name):
+            model = models[name]
+            for other in models.values():  # nothing of another run's context held meanwhile
+                if other is not model:  # (timed_pass resets its own)
+                    other.reset()
+            return timed_pass(model, emb, None if name == "transformers" else mask, n_decode)
+
         times = {name: [] for name in models}
         for i in range(1 + repeat):  # a warm-up pass each, then the timed ones
-            for name, model in models.items():
-                for other in models.values():  # nothing of another run's context held meanwhile
-                    if other is not model:  # (timed_pass resets its own)
-                        other.reset()
-                t = timed_pass(model, emb, None if name == "transformers" else mask, n_decode)
+            for name in models:
+                t = run(name)
                 if i:
                     times[name].append(t)
         if profile is not None:
-            for name, model in models.items():
-                for other in models.values():
-                    other.reset()
+            for name in models:
                 with tool("torch_op_profile", "--profile")(device) as ops:
-                    timed_pass(model, emb, None if name == "transformers" else mask, n_decode)
+                    run(name)
                 profile(n, name, ops.table())
         for name in RUNS:
             prefill = statistics.median(t[0] for t in times[name])
